@@ -1,0 +1,7 @@
+"""Baseline methods, one file each; every module here is imported so its method registers."""
+import importlib
+import pkgutil
+
+for _m in pkgutil.iter_modules(__path__):
+    if not _m.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_m.name}")

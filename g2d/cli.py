@@ -1,0 +1,137 @@
+"""`g2d` command line: list | fetch | prepare | train | teacher | aggregate | report.
+
+Arguments of the form key=value are Hydra overrides of params.yaml (`trainer.epochs=5`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from g2d import config as C
+from g2d import registry
+
+
+def _cfg(args) -> C.Schema:
+    return C.load_config(args.overrides, args.params)
+
+
+def cmd_list(args) -> None:
+    print("methods: " + ", ".join(registry.list_methods()))
+    plugins = registry.list_plugins()
+    if plugins:
+        print("plug-ins (method+plugin): " + ", ".join(plugins))
+    print("datasets: " + ", ".join(registry.list_datasets()))
+
+
+def cmd_prepare(args) -> None:
+    cfg = _cfg(args)
+    from g2d.runs import prepared_dir
+
+    name = args.dataset or cfg.dataset
+    ds = registry.get_dataset(name)(C.dataset_config(cfg, name))
+    out = prepared_dir(cfg, name)
+    t0 = time.perf_counter()
+    if cfg.data_source == "standin":
+        ds.standin(out, seed=cfg.seed)
+        what = "stand-in"
+    else:
+        ds.prepare(Path(cfg.paths.raw) / name, out)
+        what = "real"
+    print(f"[g2d] prepared {what} {name} -> {out} ({time.perf_counter() - t0:.1f}s)")
+
+
+def cmd_fetch(args) -> None:
+    cfg = _cfg(args)
+    name = args.dataset or cfg.dataset
+    ds = registry.get_dataset(name)(C.dataset_config(cfg, name))
+    path = ds.fetch(Path(cfg.paths.raw) / name)
+    print(f"[g2d] {name}: raw data verified in {path}")
+
+
+def _seeds(args, cfg) -> list[int]:
+    return list(cfg.suite.seeds) if args.all_seeds else [cfg.seed]
+
+
+def cmd_train(args) -> None:
+    cfg = _cfg(args)
+    from g2d.runs import train_group
+
+    mod = None
+    if cfg.method == "unimodal":
+        mod = C.method_params(cfg).modality
+    train_group(cfg, cfg.method, cfg.dataset, _seeds(args, cfg), mod, args.summary)
+
+
+def cmd_teacher(args) -> None:
+    """`g2d teacher cremad-audio`: the unimodal teacher stage for one dataset-modality pair."""
+    dataset, _, modality = args.pair.rpartition("-")
+    args.overrides = [*args.overrides, "method=unimodal", f"dataset={dataset}",
+                      f"methods.unimodal.modality={modality}"]
+    cfg = _cfg(args)
+    from g2d.runs import train_group
+
+    train_group(cfg, "unimodal", dataset, _seeds(args, cfg), modality, args.summary)
+
+
+def cmd_aggregate(args) -> None:
+    cfg = _cfg(args)
+    from g2d.report.aggregate import aggregate
+
+    for p in aggregate(Path(cfg.paths.reports)):
+        print(f"[g2d] wrote {p}")
+
+
+def cmd_report(args) -> None:
+    cfg = _cfg(args)
+    from g2d.report.render import render_all
+
+    for p in render_all(cfg, Path(cfg.paths.reports)):
+        print(f"[g2d] wrote {p}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="g2d", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def add(name, fn, help_, dataset=False, seeds=False):
+        p = sub.add_parser(name, help=help_)
+        if dataset:
+            p.add_argument("dataset", nargs="?", help="dataset name (default: params.yaml `dataset`)")
+        if seeds:
+            p.add_argument("--all-seeds", action="store_true", help="train every seed in suite.seeds")
+            p.add_argument("--summary", type=Path, default=None,
+                           help="also write <dir>/<run>.json and .csv summaries (e.g. reports/runs)")
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.epochs=5")
+        p.set_defaults(fn=fn)
+        return p
+
+    add("list", cmd_list, "list registered methods, plug-ins and datasets")
+    add("fetch", cmd_fetch, "download and verify a real dataset", dataset=True)
+    add("prepare", cmd_prepare, "raw -> prepared tensors (or generate the stand-in)", dataset=True)
+    add("train", cmd_train, "train one method on one dataset", seeds=True)
+    t = add("teacher", cmd_teacher, "train a unimodal teacher: g2d teacher <dataset>-<modality>", seeds=True)
+    t.add_argument("pair", help="<dataset>-<modality>, e.g. cremad-audio")
+    # argparse: positional 'pair' must come before the overrides list
+    t._actions.insert(0, t._actions.pop())
+    add("aggregate", cmd_aggregate, "per-run summaries -> tidy tables (reports/tables/*.csv)")
+    add("report", cmd_report, "tables -> rendered reports (Markdown, LaTeX, HTML)")
+    args = ap.parse_args(argv)
+    bad = [o for o in args.overrides if "=" not in o and not o.startswith("~")]
+    if bad:
+        ap.error(f"unexpected argument(s) {bad}: overrides look like key=value")
+    try:
+        args.fn(args)
+    except (C.ConfigError, registry.RegistryError) as e:
+        print(f"g2d: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotImplementedError) as e:
+        print(f"g2d: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Typed schema for params.yaml; loading = Hydra compose + profile overlay + validation.
+
+params.yaml is the one committed source of truth. Command-line overrides use Hydra's grammar
+(`trainer.epochs=5`, `method=g2d`) through the compose API, so Hydra never writes output folders.
+Every error names the offending key and the file to fix.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class SuiteConfig:
+    datasets: list[str] = field(default_factory=lambda: ["cremad"])
+    methods: list[str] = field(default_factory=lambda: ["joint"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    teachers: list[str] = field(default_factory=list)  # "<dataset>-<modality>" teacher stages
+
+
+@dataclass
+class PathsConfig:
+    raw: str = "data/raw"
+    prepared: str = "data/prepared"
+    runs: str = "data/runs"
+    reports: str = "reports"
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_step_epochs: int = 0  # StepLR step size in epochs; 0 = constant LR
+    lr_gamma: float = 0.1
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False  # bf16 autocast (CUDA only)
+    deterministic: bool = True
+    grad_clip: float = 0.0
+    num_threads: int = 0  # torch CPU threads; 0 = torch default
+    progress: str = "auto"  # auto (only on a TTY) | on | off
+    checkpoint_every: int = 1  # epochs between resumable checkpoints
+
+
+@dataclass
+class ResNetConfig:
+    width: int = 64  # channels of the first stage (ResNet-18: 64 -> 512-d features)
+    blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    stem: str = "imagenet"  # imagenet (7x7/2 + maxpool) | small (3x3/1)
+
+
+@dataclass
+class ModelConfig:
+    fusion: str = "late"  # late | concat | sum | film | gated
+    resnet: ResNetConfig = field(default_factory=ResNetConfig)
+    mlp_hidden: int = 128
+    mlp_layers: int = 2
+    seq_hidden: int = 128
+    fusion_dim: int = 128  # common projection width for film / gated
+
+
+@dataclass
+class Schema:
+    method: str = "joint"
+    dataset: str = "cremad"
+    seed: int = 0
+    profile: str = "embedded"
+    data_source: str = "standin"  # standin (embedded suite, offline) | real (fetched + prepared datasets)
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    datasets: dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, Any] = field(default_factory=dict)
+    profiles: dict[str, Any] = field(default_factory=dict)
+    extra_modules: list[str] = field(default_factory=list)
+    reports: dict[str, Any] = field(default_factory=dict)
+
+
+def _compose(params: Path, overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    if not params.is_file():
+        raise ConfigError(f"{params}: not found; run from the project root or pass --params PATH")
+    try:
+        with initialize_config_dir(config_dir=str(params.parent.resolve()), version_base=None):
+            cfg = compose(config_name=params.stem, overrides=list(overrides))
+    except HydraException as e:
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"bad override in {overrides}: {msg} (keys must exist in {params})") from None
+    return cfg
+
+
+def _validate(cfg: DictConfig, schema: type, where: str) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        head = str(e).splitlines()[0]
+        raise ConfigError(f"{where}: invalid key {key!r}: {head}") from None
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = (), params: str | Path = "params.yaml") -> Schema:
+    """Compose params.yaml + overrides, apply the profile overlay, validate every block."""
+    params = Path(params)
+    raw = _compose(params, list(overrides))
+    profiles = raw.get("profiles") or {}
+    prof = raw.get("profile", "embedded")
+    if prof not in profiles:
+        raise ConfigError(f"{params}: profile {prof!r} not in profiles ({', '.join(profiles) or 'none'})")
+    overlay = profiles[prof] or {}
+    cfg = OmegaConf.merge(raw, overlay)
+    out: Schema = _validate(cfg, Schema, str(params))
+    from g2d import registry
+
+    registry.import_extra(out.extra_modules)
+    # method / dataset names must resolve; their blocks must match their own schemas
+    registry.get_dataset(out.dataset)
+    registry.get_method(out.method)
+    for name in out.suite.datasets:
+        registry.get_dataset(name)
+    for name in out.suite.methods:
+        registry.get_method(name)
+    for name, block in out.methods.items():
+        try:
+            cls = registry.get_method(name)
+        except registry.RegistryError as e:
+            raise ConfigError(f"{params}: methods.{name}: {e}") from None
+        _validate(OmegaConf.create(block or {}), cls.Params, f"{params}: methods.{name}")
+    for name, block in out.datasets.items():
+        cls = registry.get_dataset(name)
+        _validate(OmegaConf.create(block or {}), cls.Config, f"{params}: datasets.{name}")
+    return out
+
+
+def method_params(cfg: Schema, name: str | None = None) -> Any:
+    from g2d import registry
+
+    name = name or cfg.method
+    cls = registry.get_method(name)
+    block = cfg.methods.get(name) or {}
+    return _validate(OmegaConf.create(block), cls.Params, f"methods.{name}")
+
+
+def dataset_config(cfg: Schema, name: str | None = None) -> Any:
+    from g2d import registry
+
+    name = name or cfg.dataset
+    cls = registry.get_dataset(name)
+    return _validate(OmegaConf.create(cfg.datasets.get(name) or {}), cls.Config, f"datasets.{name}")
+
+
+def trainer_config(cfg: Schema, dataset: str | None = None) -> TrainerConfig:
+    """Global trainer block with the dataset's `trainer:` overrides merged in."""
+    dcfg = dataset_config(cfg, dataset)
+    over = getattr(dcfg, "trainer", None) or {}
+    return _validate(OmegaConf.merge(OmegaConf.structured(cfg.trainer), over), TrainerConfig, "trainer")
+
+
+def to_dict(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of a config object (dataclass / dict)."""
+    blob = json.dumps(to_dict(obj), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def optional(x: Optional[Any], default: Any) -> Any:
+    return default if x is None else x

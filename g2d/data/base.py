@@ -1,0 +1,75 @@
+"""Dataset contract: a spec, real fetch/prepare, and a stand-in generator, all writing one format."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+TASKS = ("classification", "regression")
+KINDS = ("spectrogram", "frames", "image", "sequence", "vector")
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    name: str
+    kind: str  # spectrogram (C,F,T) | frames (C,T,H,W) | image (C,H,W) | sequence (T,D) | vector (D,)
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"modality {self.name}: kind {self.kind!r} not in {KINDS}")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    modalities: tuple[ModalitySpec, ...]
+    task: str
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"dataset {self.name}: task {self.task!r} not in {TASKS}")
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classes) if self.task == "classification" else 1
+
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modalities)
+
+    def modality(self, name: str) -> ModalitySpec:
+        for m in self.modalities:
+            if m.name == name:
+                return m
+        raise KeyError(f"{self.name} has no modality {name!r}; it has {self.modality_names}")
+
+
+@dataclass
+class DatasetConfig:
+    """Common per-dataset knobs; datasets extend it with their own fields."""
+
+    val_fraction: float = 0.1  # stratified validation split carved from train (fixed seed)
+    split_seed: int = 0
+    trainer: dict[str, Any] = field(default_factory=dict)  # per-dataset trainer overrides
+
+
+class Dataset:
+    """Base class: subclasses set `spec`, `Config`, and implement standin / fetch / prepare."""
+
+    name: ClassVar[str]
+    spec: ClassVar[DatasetSpec]
+    Config: ClassVar[type] = DatasetConfig
+
+    def __init__(self, config: Any | None = None):
+        self.config = config if config is not None else self.Config()
+
+    def standin(self, out_dir: Path, seed: int = 0) -> Path:
+        raise NotImplementedError(f"{self.name}: no stand-in generator")
+
+    def fetch(self, raw_dir: Path) -> Path:
+        raise NotImplementedError(f"{self.name}: fetch not implemented yet")
+
+    def prepare(self, raw_dir: Path, out_dir: Path) -> Path:
+        raise NotImplementedError(f"{self.name}: prepare not implemented yet")

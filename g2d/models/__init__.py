@@ -1,0 +1,1 @@
+from g2d.models.model import MultimodalModel, Output  # noqa: F401

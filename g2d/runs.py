@@ -1,0 +1,51 @@
+"""Run naming and the per-group driver that trains every seed in one process (one torch import)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from g2d import config as C
+from g2d.data.prepared import atomic_write_text
+
+
+def run_name(method: str, dataset: str, modality: str | None = None) -> str:
+    return f"teacher-{modality}-{dataset}" if modality else f"{method}-{dataset}"
+
+
+def prepared_dir(cfg: C.Schema, dataset: str) -> Path:
+    sub = "standin" if cfg.data_source == "standin" else "real"
+    return Path(cfg.paths.prepared) / sub / dataset
+
+
+def train_group(cfg: C.Schema, method: str, dataset: str, seeds: list[int], modality: str | None = None,
+                summary_dir: Path | None = None) -> list[dict]:
+    """Train `method` on `dataset` for each seed; write the committed per-group summary files."""
+    from g2d.train.trainer import RunSpec, Trainer
+
+    name = run_name(method, dataset, modality)
+    results, histories = [], []
+    for seed in seeds:
+        run_dir = Path(cfg.paths.runs) / name / f"s{seed}"
+        trainer = Trainer(cfg, RunSpec(method, dataset, seed, run_dir, prepared_dir(cfg, dataset),
+                                       Path(cfg.paths.runs)))
+        res = trainer.fit()
+        res["run"] = name
+        results.append(res)
+        histories.append(pd.read_csv(run_dir / "history.csv"))
+        sel = res["selection"]["best_val"]
+        key = res["primary_metric"]
+        print(f"[g2d] {name} seed {seed}: test {key} {sel['test'][key]:.2f} (best-val epoch {sel['epoch']}), "
+              f"{res['train_time_s']:.1f}s")
+    if summary_dir is not None:
+        summary_dir = Path(summary_dir)
+        summary_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(summary_dir / f"{name}.json", json.dumps(
+            {"run": name, "method": method, "dataset": dataset, "modality": modality, "seeds": results},
+            indent=2, sort_keys=True) + "\n")
+        hist = pd.concat(histories, ignore_index=True)
+        tmp = summary_dir / f".{name}.csv.tmp"
+        hist.to_csv(tmp, index=False, float_format="%.6g")
+        tmp.replace(summary_dir / f"{name}.csv")
+    return results

@@ -1,0 +1,48 @@
+"""Provenance recorded in every metrics.json."""
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+import g2d
+
+
+@lru_cache
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parents[2])
+        sha = out.stdout.strip() if out.returncode == 0 else "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "g2d", "baselines"], capture_output=True,
+                               text=True, timeout=10, cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@lru_cache
+def source_hash() -> str:
+    """Hash of the framework and baseline sources: a resume checkpoint from other code is not reused."""
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for pkg in ("g2d", "baselines"):
+        for f in sorted((root / pkg).rglob("*.py")):
+            h.update(f.relative_to(root).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def provenance(device: torch.device) -> dict:
+    return {
+        "git_sha": git_sha(),
+        "source_hash": source_hash(),
+        "g2d_bench": g2d.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+    }
