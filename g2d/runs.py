@@ -15,8 +15,12 @@ def run_name(method: str, dataset: str, modality: str | None = None) -> str:
 
 
 def prepared_dir(cfg: C.Schema, dataset: str) -> Path:
+    """Where a dataset's prepared arrays live (a view reads its parent's)."""
+    from g2d import registry
+
+    source = registry.get_dataset(dataset).view_of or dataset
     sub = "standin" if cfg.data_source == "standin" else "real"
-    return Path(cfg.paths.prepared) / sub / dataset
+    return Path(cfg.paths.prepared) / sub / source
 
 
 def train_group(cfg: C.Schema, method: str, dataset: str, seeds: list[int], modality: str | None = None,

@@ -53,14 +53,20 @@ class DatasetConfig:
     val_fraction: float = 0.1  # stratified validation split carved from train (fixed seed)
     split_seed: int = 0
     trainer: dict[str, Any] = field(default_factory=dict)  # per-dataset trainer overrides
+    real: dict[str, Any] = field(default_factory=dict)  # options for g2d.data.raw.<name> (fetch/prepare)
 
 
 class Dataset:
-    """Base class: subclasses set `spec`, `Config`, and implement standin / fetch / prepare."""
+    """Base class: subclasses set `spec`, `Config`, and implement `standin`.
+
+    Real-data code lives in `g2d.data.raw.<name>` (functions `fetch` and `prepare`). A *view*
+    (`view_of = "urfunny"`) is a modality subset of another dataset's prepared data, e.g. UR-Funny A+V.
+    """
 
     name: ClassVar[str]
     spec: ClassVar[DatasetSpec]
     Config: ClassVar[type] = DatasetConfig
+    view_of: ClassVar[str | None] = None
 
     def __init__(self, config: Any | None = None):
         self.config = config if config is not None else self.Config()
@@ -68,8 +74,19 @@ class Dataset:
     def standin(self, out_dir: Path, seed: int = 0) -> Path:
         raise NotImplementedError(f"{self.name}: no stand-in generator")
 
+    def _raw(self):
+        import importlib
+
+        name = self.view_of or self.name
+        try:
+            return importlib.import_module(f"g2d.data.raw.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"g2d.data.raw.{name}":
+                raise
+            raise NotImplementedError(f"{name}: real-data fetch/prepare is not implemented (g2d/data/raw/{name}.py)")
+
     def fetch(self, raw_dir: Path) -> Path:
-        raise NotImplementedError(f"{self.name}: fetch not implemented yet")
+        return self._raw().fetch(Path(raw_dir), self.config.real)
 
     def prepare(self, raw_dir: Path, out_dir: Path) -> Path:
-        raise NotImplementedError(f"{self.name}: prepare not implemented yet")
+        return self._raw().prepare(Path(raw_dir), Path(out_dir), self.config.real)

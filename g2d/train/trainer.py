@@ -1,6 +1,7 @@
 """The shared trainer: knows no method. Seeding, optimisation, eval, history, checkpoint/resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -77,7 +78,11 @@ class Trainer:
         if self.tc.num_threads > 0:
             torch.set_num_threads(self.tc.num_threads)
         self.data = Prepared(run.prepared_dir)
-        self.spec = self.data.spec
+        # a dataset view (e.g. urfunny-av) trains on a subset of its parent's modalities
+        wanted = registry.get_dataset(run.dataset).spec.modality_names
+        full = self.data.spec
+        self.spec = dataclasses.replace(full, name=run.dataset,
+                                        modalities=tuple(full.modality(m) for m in wanted))
         mcls = registry.get_method(run.method)
         self.method: Method = mcls(C.method_params(cfg, run.method), self.spec)
         self.run_config = {

@@ -1,0 +1,41 @@
+"""IEMOCAP: dyadic emotion recognition, 4 classes (neutral, happy+excited, sad, angry) (Busso et al. 2008).
+
+Licence-gated (USC SAIL release form). Features per utterance as in the CMU-MultimodalSDK
+convention: audio COVAREP 74-d, visual FACET 35-d, text GloVe 300-d sequences.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from g2d.data.base import Dataset, DatasetConfig, DatasetSpec, ModalitySpec
+from g2d.data.standin import StandinConfig, StandinModality
+from g2d.data.standin_dataset import write_standin
+from g2d.registry import register_dataset
+
+SEQ_LEN = 20
+CLASSES = ("neutral", "happy", "sad", "angry")
+
+
+def _standin() -> StandinConfig:  # placeholder until calibrated
+    return StandinConfig(n_train=800, n_test=250, modalities={
+        "audio": StandinModality(shape=[10, 16], code="linear", noise=1.0),
+        "visual": StandinModality(shape=[10, 12], code="linear", noise=1.5),
+        "text": StandinModality(shape=[10, 30], code="linear", noise=0.8)})
+
+
+@dataclass
+class IemocapConfig(DatasetConfig):
+    standin: StandinConfig = field(default_factory=_standin)
+
+
+@register_dataset("iemocap")
+class Iemocap(Dataset):
+    Config = IemocapConfig
+    spec = DatasetSpec("iemocap", (ModalitySpec("audio", "sequence", (SEQ_LEN, 74)),
+                                   ModalitySpec("visual", "sequence", (SEQ_LEN, 35)),
+                                   ModalitySpec("text", "sequence", (SEQ_LEN, 300))),
+                       "classification", CLASSES)
+
+    def standin(self, out_dir: Path, seed: int = 0) -> Path:
+        return write_standin(self, out_dir, seed)

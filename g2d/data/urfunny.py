@@ -1,0 +1,52 @@
+"""UR-Funny: TED humour detection, binary, text + audio + visual feature sequences (Hasan et al. 2019).
+
+Real features (MultiBench-style pickle): text GloVe 300-d, audio COVAREP 81-d, visual OpenFace 371-d,
+word-aligned sequences. The paper also reports modality subsets: registered as views
+`urfunny-av`, `urfunny-at`, `urfunny-vt` over the same prepared data (`urfunny` = A+V+T).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from g2d.data.base import Dataset, DatasetConfig, DatasetSpec, ModalitySpec
+from g2d.data.standin import StandinConfig, StandinModality
+from g2d.data.standin_dataset import write_standin
+from g2d.registry import register_dataset
+
+SEQ_LEN = 50
+MODS = (ModalitySpec("text", "sequence", (SEQ_LEN, 300)),
+        ModalitySpec("audio", "sequence", (SEQ_LEN, 81)),
+        ModalitySpec("visual", "sequence", (SEQ_LEN, 371)))
+
+
+def _standin() -> StandinConfig:  # placeholder until calibrated
+    return StandinConfig(n_train=800, n_test=300, modalities={
+        "text": StandinModality(shape=[10, 30], code="linear", noise=1.2),
+        "audio": StandinModality(shape=[10, 16], code="linear", noise=2.0),
+        "visual": StandinModality(shape=[10, 24], code="linear", noise=2.0)})
+
+
+@dataclass
+class UrfunnyConfig(DatasetConfig):
+    standin: StandinConfig = field(default_factory=_standin)
+
+
+@register_dataset("urfunny")
+class Urfunny(Dataset):
+    Config = UrfunnyConfig
+    spec = DatasetSpec("urfunny", MODS, "classification", ("not_humor", "humor"))
+
+    def standin(self, out_dir: Path, seed: int = 0) -> Path:
+        return write_standin(self, out_dir, seed)
+
+
+def _view(name: str, mods: tuple[str, ...]):
+    spec = DatasetSpec(name, tuple(m for m in MODS if m.name in mods), "classification", ("not_humor", "humor"))
+    cls = type(name.replace("-", "_"), (Urfunny,), {"spec": spec, "view_of": "urfunny"})
+    return register_dataset(name)(cls)
+
+
+for _n, _m in (("urfunny-av", ("audio", "visual")), ("urfunny-at", ("audio", "text")),
+               ("urfunny-vt", ("visual", "text"))):
+    _view(_n, _m)
