@@ -45,9 +45,26 @@ def cmd_prepare(args) -> None:
 def cmd_fetch(args) -> None:
     cfg = _cfg(args)
     name = args.dataset or cfg.dataset
+    raw = Path(cfg.paths.raw) / name
+    if cfg.data_source == "standin":
+        # the embedded suite generates its data: record that nothing was downloaded
+        from g2d.data.prepared import atomic_write_text
+
+        atomic_write_text(raw / "STANDIN.txt", f"{name}: embedded stand-in suite, nothing fetched "
+                          "(set data_source=real or profile=paper to download the real dataset)\n")
+        print(f"[g2d] {name}: stand-in suite, nothing to fetch")
+        return
     ds = registry.get_dataset(name)(C.dataset_config(cfg, name))
-    path = ds.fetch(Path(cfg.paths.raw) / name)
+    path = ds.fetch(raw)
     print(f"[g2d] {name}: raw data verified in {path}")
+
+
+def cmd_codehash(args) -> None:
+    cfg = _cfg(args)
+    from g2d.codehash import write_all
+
+    paths = write_all(cfg.suite.methods, Path("data/code"))
+    print(f"[g2d] code fingerprints for {len(paths)} methods in data/code/")
 
 
 def _seeds(args, cfg) -> list[int]:
@@ -66,7 +83,10 @@ def cmd_train(args) -> None:
 
 def cmd_teacher(args) -> None:
     """`g2d teacher cremad-audio`: the unimodal teacher stage for one dataset-modality pair."""
-    dataset, _, modality = args.pair.rpartition("-")
+    cfg0 = _cfg(args)
+    if args.pair not in cfg0.suite.teachers:
+        raise C.ConfigError(f"teacher {args.pair!r} not in suite.teachers ({', '.join(cfg0.suite.teachers)})")
+    dataset, modality = cfg0.suite.teachers[args.pair].dataset, cfg0.suite.teachers[args.pair].modality
     args.overrides = [*args.overrides, "method=unimodal", f"dataset={dataset}",
                       f"methods.unimodal.modality={modality}"]
     cfg = _cfg(args)
@@ -116,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("pair", help="<dataset>-<modality>, e.g. cremad-audio")
     # argparse: positional 'pair' must come before the overrides list
     t._actions.insert(0, t._actions.pop())
+    add("codehash", cmd_codehash, "write per-method code fingerprints (data/code/<method>.txt)")
     add("aggregate", cmd_aggregate, "per-run summaries -> tidy tables (reports/tables/*.csv)")
     add("report", cmd_report, "tables -> rendered reports (Markdown, LaTeX, HTML)")
     args = ap.parse_args(argv)

@@ -21,11 +21,21 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class TeacherStage:
+    dataset: str = ""
+    modality: str = ""
+
+
+@dataclass
 class SuiteConfig:
-    datasets: list[str] = field(default_factory=lambda: ["cremad"])
+    """The DVC matrix axes (dvc.yaml reads these lists directly)."""
+
+    datasets: list[str] = field(default_factory=lambda: ["cremad"])  # fetched + prepared
+    views: dict[str, str] = field(default_factory=dict)  # modality-subset view -> parent dataset
+    train: list[str] = field(default_factory=lambda: ["cremad"])  # datasets/views methods train on
     methods: list[str] = field(default_factory=lambda: ["joint"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    teachers: list[str] = field(default_factory=list)  # "<dataset>-<modality>" teacher stages
+    teachers: dict[str, TeacherStage] = field(default_factory=dict)  # stage key -> dataset + modality
 
 
 @dataclass
@@ -125,6 +135,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), params: str | Path 
     if prof not in profiles:
         raise ConfigError(f"{params}: profile {prof!r} not in profiles ({', '.join(profiles) or 'none'})")
     overlay = profiles[prof] or {}
+    OmegaConf.set_struct(raw, False)  # the overlay may add keys (e.g. a dataset's stand-in sizes)
     cfg = OmegaConf.merge(raw, overlay)
     out: Schema = _validate(cfg, Schema, str(params))
     from g2d import registry
@@ -133,10 +144,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), params: str | Path 
     # method / dataset names must resolve; their blocks must match their own schemas
     registry.get_dataset(out.dataset)
     registry.get_method(out.method)
-    for name in out.suite.datasets:
-        registry.get_dataset(name)
-    for name in out.suite.methods:
-        registry.get_method(name)
+    _check_suite(out, params)
     for name, block in out.methods.items():
         try:
             cls = registry.get_method(name)
@@ -147,6 +155,43 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), params: str | Path 
         cls = registry.get_dataset(name)
         _validate(OmegaConf.create(block or {}), cls.Config, f"{params}: datasets.{name}")
     return out
+
+
+def _check_suite(out: Schema, params: Path) -> None:
+    """Cross-check the suite lists so a missing teacher or block fails before any training."""
+    from g2d import registry
+
+    s = out.suite
+    for name in [*s.datasets, *s.train, *s.views]:
+        registry.get_dataset(name)
+    for view, parent in s.views.items():
+        if registry.get_dataset(view).view_of != parent:
+            raise ConfigError(f"{params}: suite.views.{view}: {view} is not a view of {parent!r}")
+        if parent not in s.datasets:
+            raise ConfigError(f"{params}: suite.views.{view}: parent {parent!r} must be in suite.datasets")
+    for name in s.train:
+        if name not in s.datasets and name not in s.views:
+            raise ConfigError(f"{params}: suite.train: {name!r} is neither in suite.datasets nor suite.views")
+    have = {(t.dataset, t.modality) for t in s.teachers.values()}
+    for key, t in s.teachers.items():
+        if key != f"{t.dataset}-{t.modality}":
+            raise ConfigError(f"{params}: suite.teachers.{key}: key must be '{t.dataset}-{t.modality}'")
+        if t.modality not in registry.get_dataset(t.dataset).spec.modality_names:
+            raise ConfigError(f"{params}: suite.teachers.{key}: {t.dataset} has no modality {t.modality!r}")
+    for name in s.methods:
+        cls = registry.get_method(name)
+        if name not in out.methods:
+            raise ConfigError(f"{params}: method {name!r} is in suite.methods but has no `methods.{name}` block "
+                              "(add `{name}: {{}}` under methods:)".replace("{name}", name))
+        if getattr(cls, "needs_teachers", False):
+            for ds in s.train:
+                for mod in registry.get_dataset(ds).spec.modality_names:
+                    if (ds, mod) not in have:
+                        raise ConfigError(f"{params}: {name} needs teachers but suite.teachers has no "
+                                          f"'{ds}-{mod}' (add `{ds}-{mod}: {{dataset: {ds}, modality: {mod}}}`)")
+    for ds in [*s.datasets, *s.views]:
+        if ds not in out.datasets:
+            raise ConfigError(f"{params}: dataset {ds!r} is in the suite but has no `datasets.{ds}` block")
 
 
 def method_params(cfg: Schema, name: str | None = None) -> Any:

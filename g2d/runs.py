@@ -11,16 +11,17 @@ from g2d.data.prepared import atomic_write_text
 
 
 def run_name(method: str, dataset: str, modality: str | None = None) -> str:
-    return f"teacher-{modality}-{dataset}" if modality else f"{method}-{dataset}"
+    """Group name = DVC stage key: `<method>-<dataset>`, teachers `teachers/<dataset>/<modality>`."""
+    return f"teachers/{dataset}/{modality}" if modality else f"{method}-{dataset}"
+
+
+def summary_name(name: str) -> str:
+    return name.replace("teachers/", "teacher-").replace("/", "-")
 
 
 def prepared_dir(cfg: C.Schema, dataset: str) -> Path:
-    """Where a dataset's prepared arrays live (a view reads its parent's)."""
-    from g2d import registry
-
-    source = registry.get_dataset(dataset).view_of or dataset
-    sub = "standin" if cfg.data_source == "standin" else "real"
-    return Path(cfg.paths.prepared) / sub / source
+    """Prepared arrays of a dataset (meta.json records whether they are a stand-in or real)."""
+    return Path(cfg.paths.prepared) / dataset
 
 
 def train_group(cfg: C.Schema, method: str, dataset: str, seeds: list[int], modality: str | None = None,
@@ -35,7 +36,7 @@ def train_group(cfg: C.Schema, method: str, dataset: str, seeds: list[int], moda
         trainer = Trainer(cfg, RunSpec(method, dataset, seed, run_dir, prepared_dir(cfg, dataset),
                                        Path(cfg.paths.runs)))
         res = trainer.fit()
-        res["run"] = name
+        res["run"] = summary_name(name)
         results.append(res)
         histories.append(pd.read_csv(run_dir / "history.csv"))
         sel = res["selection"]["best_val"]
@@ -45,6 +46,7 @@ def train_group(cfg: C.Schema, method: str, dataset: str, seeds: list[int], moda
     if summary_dir is not None:
         summary_dir = Path(summary_dir)
         summary_dir.mkdir(parents=True, exist_ok=True)
+        name = summary_name(name)
         atomic_write_text(summary_dir / f"{name}.json", json.dumps(
             {"run": name, "method": method, "dataset": dataset, "modality": modality, "seeds": results},
             indent=2, sort_keys=True) + "\n")

@@ -33,7 +33,7 @@ class RunSpec:
     seed: int
     run_dir: Path
     prepared_dir: Path
-    teacher_dir: Path | None = None  # folder holding teacher-<modality>/s<seed>/model.pt
+    teacher_dir: Path | None = None  # runs folder holding teachers/<dataset>/<modality>/s<seed>/model.pt
 
 
 def build_optimizer(params, tc: C.TrainerConfig) -> torch.optim.Optimizer:
@@ -47,7 +47,7 @@ def build_optimizer(params, tc: C.TrainerConfig) -> torch.optim.Optimizer:
 
 
 def teacher_path(teacher_dir: Path, dataset: str, modality: str, seed: int) -> Path:
-    return Path(teacher_dir) / f"teacher-{modality}-{dataset}" / f"s{seed}" / "model.pt"
+    return Path(teacher_dir) / "teachers" / dataset / modality / f"s{seed}" / "model.pt"
 
 
 def load_teacher(path: Path, spec, mcfg, modality: str, device) -> MultimodalModel:

@@ -1,0 +1,73 @@
+"""Report table specs (params.yaml `reports:`) -> tidy cell tables built from summary.csv."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+from omegaconf import OmegaConf
+
+from g2d.config import ConfigError
+from g2d.train.metrics import SELECTIONS
+
+
+@dataclass
+class TableSpec:
+    title: str = ""
+    datasets: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)  # rows; empty = every method run on these datasets
+    metrics: list[str] = field(default_factory=lambda: ["acc"])  # columns, e.g. acc, acc_audio, f1
+    teachers: bool = True  # add unimodal-teacher rows
+    selection: str = "best_val"
+    description: str = ""
+
+
+def table_specs(reports: dict) -> dict[str, TableSpec]:
+    out = {}
+    for name, block in (reports or {}).items():
+        try:
+            spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TableSpec), block or {}))
+        except Exception as e:  # omegaconf raises several types; name the key either way
+            raise ConfigError(f"params.yaml: reports.{name}: {str(e).splitlines()[0]}") from None
+        if spec.selection not in SELECTIONS:
+            raise ConfigError(f"params.yaml: reports.{name}.selection {spec.selection!r} not in {list(SELECTIONS)}")
+        out[name] = spec
+    return out
+
+
+def fmt(mean: float, std: float, n: int) -> str:
+    """One formatting rule for every output (md, tex, html) so they round identically."""
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def build(summary: pd.DataFrame, spec: TableSpec, selection: str | None = None) -> pd.DataFrame:
+    """Long table of cells: row label, method, modality, dataset, metric, mean, std, n, cell.
+
+    Teacher rows fill only their own modality's columns (acc_<m>, f1_<m>); other cells are '-'.
+    """
+    sel = summary[(summary.selection == (selection or spec.selection)) & (summary.split == "test")
+                  & summary.dataset.isin(spec.datasets)]
+    methods = spec.methods or sorted(sel[sel.modality.fillna("") == ""].method.unique())
+    labels = [(m, "") for m in methods]
+    if spec.teachers:
+        labels = [("unimodal", mod) for mod in sorted(sel[sel.modality.fillna("") != ""].modality.unique())] + labels
+    rows = []
+    for method, mod in labels:
+        for ds in spec.datasets:
+            for metric in spec.metrics:
+                hit = sel[(sel.method == method) & (sel.modality.fillna("") == mod) & (sel.dataset == ds)
+                          & (sel.metric == metric)]
+                if mod and not metric.endswith(f"_{mod}"):
+                    hit = hit.iloc[0:0]
+                if len(hit) > 1:
+                    raise ValueError(f"duplicate summary rows for {method}/{mod}/{ds}/{metric}")
+                if len(hit):
+                    r = hit.iloc[0]
+                    mean, std, n = float(r["mean"]), float(r["std"]), int(r["n"])
+                else:
+                    mean, std, n = float("nan"), float("nan"), 0
+                rows.append({"row": f"{mod} teacher" if mod else method, "method": method, "modality": mod,
+                             "dataset": ds, "metric": metric, "mean": mean, "std": std, "n": n,
+                             "cell": fmt(mean, std, n)})
+    return pd.DataFrame(rows)

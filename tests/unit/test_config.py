@@ -1,0 +1,72 @@
+import pytest
+
+from g2d.cli import main
+from g2d.config import ConfigError, load_config, trainer_config
+from tests.helpers import ROOT, tiny_config, tmp_params
+
+
+def test_project_params_validate():
+    cfg = load_config([], ROOT / "params.yaml")
+    assert cfg.method in cfg.methods and cfg.trainer.epochs > 0
+
+
+def test_override_grammar(tmp_path):
+    cfg = tiny_config(tmp_path, ["trainer.epochs=5", "seed=3", "method=unimodal"])
+    assert (cfg.trainer.epochs, cfg.seed, cfg.method) == (5, 3, "unimodal")
+
+
+def test_unknown_key_named(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.epochz"):
+        load_config(["trainer.epochz=3"], tmp_params(tmp_path))
+
+
+def test_typo_in_file_named(tmp_path):
+    p = tmp_params(tmp_path, lambda d: d["trainer"].update(lrr=0.1))
+    with pytest.raises(ConfigError, match="lrr"):
+        load_config([], p)
+
+
+def test_wrong_type_named(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.epochs"):
+        load_config(["trainer.epochs=abc"], tmp_params(tmp_path))
+
+
+def test_method_block_validated(tmp_path):
+    p = tmp_params(tmp_path, lambda d: d["methods"]["unimodal"].update(modalty="audio"))
+    with pytest.raises(ConfigError, match="methods.unimodal"):
+        load_config([], p)
+
+
+def test_unknown_profile(tmp_path):
+    with pytest.raises(ConfigError, match="profile 'fast' not in profiles"):
+        load_config(["profile=fast"], tmp_params(tmp_path))
+
+
+def test_profile_overlay_applies(tmp_path):
+    cfg = load_config(["profile=paper"], tmp_params(tmp_path))
+    assert cfg.data_source == "real" and cfg.trainer.epochs == 300 and cfg.model.resnet.width == 64
+
+
+def test_dataset_trainer_override(tmp_path):
+    p = tmp_params(tmp_path, lambda d: d["datasets"].update(cremad={"trainer": {"epochs": 7}}))
+    cfg = load_config([], p)
+    assert trainer_config(cfg, "cremad").epochs == 7 and cfg.trainer.epochs != 7
+
+
+def test_missing_teacher_named(tmp_path):
+    def edit(d):
+        d["suite"]["teachers"].pop("cremad-visual")
+        d["suite"]["methods"] = ["g2d"]
+        d["methods"]["g2d"] = {}
+
+    with pytest.raises(ConfigError, match="cremad-visual"):
+        load_config([], tmp_params(tmp_path, edit))
+
+
+def test_cli_one_line_errors(tmp_path, capsys):
+    p = str(tmp_params(tmp_path))
+    assert main(["--params", p, "train", "method=nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "valid methods" in err and "joint" in err
+    assert main(["--params", p, "train", "trainer.nokey=1"]) == 2
+    assert "trainer.nokey" in capsys.readouterr().err
