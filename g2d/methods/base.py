@@ -40,7 +40,7 @@ class Context:
     amp: bool = False
     grad_clip: float = 0.0
     check_every: int = 1
-    _teacher_cache: tuple[int, Any] | None = None
+    _teacher_cache: tuple[dict, Any] | None = None
     optimizer: torch.optim.Optimizer | None = None
 
     def record(self, **values) -> None:
@@ -57,11 +57,11 @@ class Context:
         """Frozen teachers' Output per modality, computed once per step under no_grad."""
         if not self.teachers:
             raise RuntimeError("this method needs teachers but none were loaded (set needs_teachers = True)")
-        if self._teacher_cache is not None and self._teacher_cache[0] == id(batch):
+        if self._teacher_cache is not None and self._teacher_cache[0] is batch:
             return self._teacher_cache[1]
         with torch.no_grad(), self.autocast():
             outs = {m: t(batch) for m, t in self.teachers.items()}
-        self._teacher_cache = (id(batch), outs)
+        self._teacher_cache = (batch, outs)  # holds the batch itself: an id() could be reused
         return outs
 
     def check_finite(self, total: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:

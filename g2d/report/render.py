@@ -1,22 +1,27 @@
-"""Report tables (CSV, the source of truth) -> Markdown and LaTeX via Jinja templates."""
+"""Report tables (CSV, the source of truth) -> Markdown, LaTeX and one offline HTML page via Jinja."""
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import jinja2
 import pandas as pd
 
 from g2d.data.prepared import atomic_write_text
-from g2d.report.tables import build, fmt, table_specs
+from g2d.report import plots
+from g2d.report.tables import build, build_pairs, fmt, table_specs
 from g2d.train.metrics import SELECTIONS
 
 TEMPLATES = Path(__file__).parent / "templates"
+METRIC_NAMES = {"acc": "acc", "f1": "macro-F1", "mae": "MAE", "rmse": "RMSE", "r2": "R²"}
 
 
 def _label(dataset: str, metric: str, multi: bool) -> str:
     base, _, mod = metric.partition("_")
-    name = {"acc": "acc", "f1": "macro-F1", "mae": "MAE", "rmse": "RMSE", "r2": "R²"}.get(base, base)
-    col = f"{mod} {name}" if mod else f"fused {name}"
+    if base in METRIC_NAMES:
+        col = f"{mod} {METRIC_NAMES[base]}" if mod else f"fused {METRIC_NAMES[base]}"
+    else:
+        col = metric  # pairs tables: without / with / gain
     return f"{dataset} {col}" if multi else col
 
 
@@ -29,7 +34,7 @@ def _tex_escape(s) -> str:
 
 def environments():
     md = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                            keep_trailing_newline=True, trim_blocks=False)
+                            keep_trailing_newline=True, autoescape=jinja2.select_autoescape(["html"]))
     tex = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
         block_start_string=r"\BLOCK{", block_end_string="}", variable_start_string=r"\VAR{",
@@ -54,45 +59,58 @@ def pivot(cells: pd.DataFrame, multi: bool) -> tuple[list[dict], list[dict]]:
     return cols, rows
 
 
-def render_table(name: str, spec, summary: pd.DataFrame, out_dir: Path) -> list[Path]:
-    cells = build(summary, spec)
-    csv = out_dir / "tables" / f"{name}.csv"
-    tmp = csv.with_suffix(".csv.tmp")
-    cells.to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(csv)
-    cells = pd.read_csv(csv, keep_default_na=False, na_values=[""])  # render from the file, not memory
+def _write_csv(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    tmp = path.with_suffix(".csv.tmp")
+    df.to_csv(tmp, index=False, float_format="%.6g")
+    tmp.replace(path)
+    cells = pd.read_csv(path, keep_default_na=False, na_values=[""])  # render from the file, not memory
+    cells["modality"] = cells["modality"].fillna("")
     cells["cell"] = [fmt(m, s, int(n)) for m, s, n in zip(cells["mean"], cells["std"], cells["n"])]
-    sub = summary[summary.dataset.isin(spec.datasets)]
-    sources = sorted(sub.source.unique())
-    multi = len(spec.datasets) > 1
-    cols, rows = pivot(cells, multi)
-    first = spec.metrics[0]
-    effect_rows = []
-    for label in dict.fromkeys(cells[cells.modality.fillna("") == ""].row):
-        row_cells = []
-        for rule in SELECTIONS:
-            c = build(summary, spec, rule)
-            c = c[(c.row == label) & (c.metric == first) & (c.dataset == spec.datasets[0])]
-            row_cells.append(c.iloc[0].cell if len(c) else "-")
-        effect_rows.append({"label": label, "cells": row_cells})
-    ctx = {
-        "title": spec.title or name, "description": spec.description, "csv": csv.as_posix(),
-        "standin": sources == ["standin"], "sources": ", ".join(sources) or "none",
-        "seeds": int(cells.n.max()) if len(cells) else 0, "selection": spec.selection,
-        "selection_text": SELECTIONS[spec.selection], "metric_label": "metrics",
-        "columns": cols, "rows": rows,
-        "effect": {"rules": list(SELECTIONS), "rows": effect_rows} if effect_rows else None,
-        "effect_metric": _label(spec.datasets[0], first, multi),
-    }
+    return cells
+
+
+def table_context(name, spec, summary, runs, out_dir: Path) -> dict:
+    cells = build_pairs(runs, spec) if spec.kind == "pairs" else build(summary, spec)
+    csv = out_dir / "tables" / f"{name}.csv"
+    cells = _write_csv(cells, csv)
+    sources = sorted(summary[summary.dataset.isin(spec.datasets)].source.unique())
     if len(sources) > 1:
         raise ValueError(f"report {name}: datasets {spec.datasets} mix sources {sources}; never mix them")
-    md_env, tex_env = environments()
-    paths = []
-    for env, tpl, ext in ((md_env, "table.md.j2", "md"), (tex_env, "table.tex.j2", "tex")):
-        p = out_dir / (f"{name}.{ext}" if ext == "md" else f"tex/{name}.tex")
-        atomic_write_text(p, env.get_template(tpl).render(**ctx))
-        paths.append(p)
-    return [csv, *paths]
+    multi = len(spec.datasets) > 1 or spec.kind == "pairs" and len(spec.datasets) > 1
+    cols, rows = pivot(cells, multi)
+    effect = None
+    if spec.kind == "methods":
+        first = spec.metrics[0]
+        eff_rows = []
+        per_rule = {rule: build(summary, spec, rule) for rule in SELECTIONS}
+        for label in dict.fromkeys(cells[cells.modality == ""].row):
+            row_cells = []
+            for rule in SELECTIONS:
+                c = per_rule[rule]
+                c = c[(c.row == label) & (c.metric == first) & (c.dataset == spec.datasets[0])]
+                row_cells.append(c.iloc[0].cell if len(c) else "-")
+            eff_rows.append({"label": label, "cells": row_cells})
+        effect = {"rules": list(SELECTIONS), "rows": eff_rows,
+                  "metric": _label(spec.datasets[0], first, multi)} if eff_rows else None
+    return {
+        "name": name, "title": spec.title or name, "description": spec.description, "csv": csv.as_posix(),
+        "standin": sources == ["standin"], "sources": ", ".join(sources) or "none",
+        "seeds": int(cells.n.max()) if len(cells) else 0, "selection": spec.selection,
+        "selection_text": SELECTIONS[spec.selection], "columns": cols, "rows": rows, "effect": effect,
+        "kind": spec.kind,
+    }
+
+
+def _figures(datasets: list[str], reports: Path) -> list[dict]:
+    figs = []
+    for ds in datasets:
+        for kind, fn in (("curves", plots.learning_curves), ("smp", plots.smp_timeline)):
+            p = fn(reports / "runs", ds, reports / "figures" / f"{kind}-{ds}.png")
+            if p is not None:
+                title = f"{ds}: learning curves" if kind == "curves" else f"{ds}: SMP timeline"
+                figs.append({"title": title, "path": p.relative_to(reports).as_posix(),
+                             "data": base64.b64encode(p.read_bytes()).decode()})
+    return figs
 
 
 def render_all(cfg, out_dir: Path) -> list[Path]:
@@ -101,8 +119,23 @@ def render_all(cfg, out_dir: Path) -> list[Path]:
     if not summary_path.is_file():
         raise FileNotFoundError(f"{summary_path} not found: run `g2d aggregate` (or `dvc repro aggregate`) first")
     summary = pd.read_csv(summary_path, keep_default_na=False, na_values=[""])
-    summary["modality"] = summary["modality"].fillna("")
-    paths = []
+    runs = pd.read_csv(out_dir / "tables" / "runs.csv", keep_default_na=False, na_values=[""])
+    for df in (summary, runs):
+        df["modality"] = df["modality"].fillna("")
+    md_env, tex_env = environments()
+    paths, contexts = [], []
     for name, spec in table_specs(cfg.reports).items():
-        paths += render_table(name, spec, summary, out_dir)
+        ctx = table_context(name, spec, summary, runs, out_dir)
+        contexts.append(ctx)
+        paths.append(Path(ctx["csv"]))
+        for env, tpl, p in ((md_env, "table.md.j2", out_dir / f"{name}.md"),
+                            (tex_env, "table.tex.j2", out_dir / "tex" / f"{name}.tex")):
+            atomic_write_text(p, env.get_template(tpl).render(**ctx))
+            paths.append(p)
+    datasets = list(dict.fromkeys(ds for spec in table_specs(cfg.reports).values() for ds in spec.datasets))
+    figs = _figures(datasets, out_dir)
+    html = md_env.get_template("index.html.j2").render(
+        tables=contexts, figures=figs, standin=all(c["standin"] for c in contexts))
+    atomic_write_text(out_dir / "index.html", html)
+    paths += [out_dir / f["path"] for f in figs] + [out_dir / "index.html"]
     return paths

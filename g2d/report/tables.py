@@ -19,6 +19,9 @@ class TableSpec:
     teachers: bool = True  # add unimodal-teacher rows
     selection: str = "best_val"
     description: str = ""
+    kind: str = "methods"  # methods: rows = methods | pairs: rows = (without, with) pairs and their gain
+    pairs: list[list[str]] = field(default_factory=list)  # kind=pairs: [[without, with], ...]
+    pair_labels: list[str] = field(default_factory=lambda: ["without", "with", "gain"])
 
 
 def table_specs(reports: dict) -> dict[str, TableSpec]:
@@ -28,6 +31,10 @@ def table_specs(reports: dict) -> dict[str, TableSpec]:
             spec = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TableSpec), block or {}))
         except Exception as e:  # omegaconf raises several types; name the key either way
             raise ConfigError(f"params.yaml: reports.{name}: {str(e).splitlines()[0]}") from None
+        if spec.kind not in ("methods", "pairs"):
+            raise ConfigError(f"params.yaml: reports.{name}.kind {spec.kind!r} not in (methods, pairs)")
+        if spec.kind == "pairs" and (not spec.pairs or any(len(p) != 2 for p in spec.pairs)):
+            raise ConfigError(f"params.yaml: reports.{name}.pairs must list [without, with] method pairs")
         if spec.selection not in SELECTIONS:
             raise ConfigError(f"params.yaml: reports.{name}.selection {spec.selection!r} not in {list(SELECTIONS)}")
         out[name] = spec
@@ -70,4 +77,30 @@ def build(summary: pd.DataFrame, spec: TableSpec, selection: str | None = None) 
                 rows.append({"row": f"{mod} teacher" if mod else method, "method": method, "modality": mod,
                              "dataset": ds, "metric": metric, "mean": mean, "std": std, "n": n,
                              "cell": fmt(mean, std, n)})
+    return pd.DataFrame(rows)
+
+
+def build_pairs(runs: pd.DataFrame, spec: TableSpec, selection: str | None = None) -> pd.DataFrame:
+    """Rows = pairs; columns without / with / gain, gain = mean +- std of the per-seed paired difference."""
+    sel = runs[(runs.selection == (selection or spec.selection)) & (runs.split == "test")
+               & (runs.modality.fillna("") == "")]
+    rows = []
+    metric = spec.metrics[0]
+    for without, with_ in spec.pairs:
+        for ds in spec.datasets:
+            vals = {}
+            for m in (without, with_):
+                v = sel[(sel.method == m) & (sel.dataset == ds) & (sel.metric == metric)]
+                vals[m] = v.set_index("seed")["value"]
+            cells = []
+            for label, series in ((spec.pair_labels[0], vals[without]), (spec.pair_labels[1], vals[with_])):
+                cells.append((label, series))
+            common = vals[without].index.intersection(vals[with_].index)
+            cells.append((spec.pair_labels[2], vals[with_][common] - vals[without][common]))
+            for label, series in cells:
+                n = len(series)
+                mean = float(series.mean()) if n else float("nan")
+                std = float(series.std()) if n > 1 else (0.0 if n else float("nan"))
+                rows.append({"row": f"{without} / {with_}", "method": with_, "modality": "", "dataset": ds,
+                             "metric": label, "mean": mean, "std": std, "n": n, "cell": fmt(mean, std, n)})
     return pd.DataFrame(rows)

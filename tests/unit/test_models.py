@@ -66,3 +66,26 @@ def test_unimodal_model_has_one_encoder():
     out = model(make_batch(spec))
     assert list(out.logits) == ["visual"]
     torch.testing.assert_close(out.fused, out.logits["visual"])
+
+
+def test_fusion_plugin_changes_the_trained_head(tmp_path):
+    from pathlib import Path
+
+    from g2d import registry
+    from g2d.models.fusion import ConcatFusion
+    from g2d.runs import prepared_dir
+    from g2d.train.trainer import RunSpec, Trainer
+    from tests.helpers import tiny_config, write_tiny_cremad
+
+    assert registry.get_method("joint+concat").fusion == "concat"
+    cfg = tiny_config(tmp_path, ["trainer.epochs=1"])
+    write_tiny_cremad(prepared_dir(cfg, "cremad"))
+    seen = {}
+    orig = Trainer._finish
+    Trainer._finish = lambda self, model, h, c: seen.update(m=model) or orig(self, model, h, c)
+    try:
+        Trainer(cfg, RunSpec("joint+concat", "cremad", 0, Path(cfg.paths.runs) / "x/s0",
+                             prepared_dir(cfg, "cremad"))).fit()
+    finally:
+        Trainer._finish = orig
+    assert isinstance(seen["m"].fusion, ConcatFusion)
