@@ -5,6 +5,8 @@ Arguments of the form key=value are Hydra overrides of params.yaml (`trainer.epo
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,7 +113,42 @@ def cmd_report(args) -> None:
         print(f"[g2d] wrote {p}")
 
 
+def cmd_compare(args) -> None:
+    cfg = _cfg(args)
+    from g2d.report.compare import compare
+
+    for p in compare(Path(cfg.paths.reports), args.method):
+        print(f"[g2d] wrote {p}")
+
+
+def _process_age() -> float:
+    """Seconds since this process started (interpreter + imports), from /proc where available."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = float(Path("/proc/uptime").read_text().split()[0])
+        return boot - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def _log_timing(argv, started: float, startup: float, rc: int) -> None:
+    """G2D_TIMING_LOG=<file>: one JSON line per command (used by benchmarks/suite_time.py)."""
+    path = os.environ.get("G2D_TIMING_LOG")
+    if path:
+        rec = {"argv": argv, "startup_s": startup, "run_s": time.perf_counter() - started, "rc": rc}
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
+    startup, started = _process_age(), time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rc = _main(argv)
+    _log_timing(argv, started, startup, rc)
+    return rc
+
+
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="g2d", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -139,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     add("codehash", cmd_codehash, "write per-method code fingerprints (data/code/<method>.txt)")
     add("aggregate", cmd_aggregate, "per-run summaries -> tidy tables (reports/tables/*.csv)")
     add("report", cmd_report, "tables -> rendered reports (Markdown, LaTeX, HTML)")
+    c = add("compare", cmd_compare, "paired per-seed comparison of one method against the whole suite")
+    c.add_argument("method", help="registered method name, e.g. g2d")
+    c._actions.insert(0, c._actions.pop())
     args = ap.parse_args(argv)
     bad = [o for o in args.overrides if "=" not in o and not o.startswith("~")]
     if bad:

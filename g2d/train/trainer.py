@@ -88,6 +88,7 @@ class Trainer:
         self.run_config = {
             "method": run.method, "dataset": run.dataset, "seed": run.seed,
             "trainer": C.to_dict(self.tc), "model": C.to_dict(cfg.model),
+            "fusion": getattr(self.method, "fusion", None) or cfg.model.fusion,
             "method_params": C.to_dict(self.method.params), "data": self.data.meta,
         }
         self.fingerprint = C.fingerprint({**self.run_config, "source": provenance(self.device)["source_hash"]})
@@ -118,7 +119,10 @@ class Trainer:
         run, tc = self.run, self.tc
         run.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(run.seed, tc.deterministic)
-        model = MultimodalModel(self.spec, self.cfg.model, self.method.modalities()).to(self.device)
+        mcfg = self.cfg.model
+        if getattr(self.method, "fusion", None):  # fusion plug-in (e.g. g2d+concat)
+            mcfg = dataclasses.replace(mcfg, fusion=self.method.fusion)
+        model = MultimodalModel(self.spec, mcfg, self.method.modalities()).to(self.device)
         if self.device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         opt = build_optimizer(model.parameters(), tc)

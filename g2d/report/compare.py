@@ -1,0 +1,75 @@
+"""Compare one method against every other method of the suite, seed by seed.
+
+For each dataset and metric: the paired per-seed difference (method - other) over the seeds both
+ran, its mean, a 95% t-interval, and the paired t-test p-value. With 3 seeds these intervals are
+wide: they say how much the seeds disagree, they do not replace more seeds.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from scipy import stats
+
+from g2d.data.prepared import atomic_write_text
+from g2d.report.render import environments
+from g2d.train.metrics import SELECTIONS, primary_metric
+
+
+def paired(runs: pd.DataFrame, method: str, selection: str = "best_val") -> pd.DataFrame:
+    sel = runs[(runs.selection == selection) & (runs.split == "test") & (runs.modality.fillna("") == "")]
+    mine = sel[sel.method == method]
+    if mine.empty:
+        raise FileNotFoundError(f"no runs of {method!r} in the aggregated table: add it to suite.methods "
+                                "and `dvc repro` (or `g2d train method=... --all-seeds --summary reports/runs`)")
+    rows = []
+    for ds in sorted(mine.dataset.unique()):
+        task_metric = primary_metric("regression" if "rmse" in set(mine[mine.dataset == ds].metric)
+                                     else "classification")[0]
+        a = mine[(mine.dataset == ds) & (mine.metric == task_metric)].set_index("seed")["value"]
+        for other in sorted(sel[(sel.dataset == ds) & (sel.method != method)].method.unique()):
+            b = sel[(sel.dataset == ds) & (sel.method == other) & (sel.metric == task_metric)]
+            b = b.set_index("seed")["value"]
+            seeds = a.index.intersection(b.index)
+            d = (a[seeds] - b[seeds]).to_numpy()
+            n = len(d)
+            mean = float(d.mean()) if n else float("nan")
+            sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+            half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
+            if n > 1 and sd > 0:
+                p = float(stats.ttest_rel(a[seeds], b[seeds]).pvalue)
+            else:
+                p = float("nan")
+            rows.append({"dataset": ds, "metric": task_metric, "method": method, "vs": other, "n": n,
+                         "mean_method": float(a[seeds].mean()) if n else float("nan"),
+                         "mean_vs": float(b[seeds].mean()) if n else float("nan"),
+                         "diff": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": p})
+    if not rows:
+        raise FileNotFoundError(f"{method!r} has no other method to compare with on its datasets "
+                                f"({sorted(mine.dataset.unique())}): add baselines to suite.methods")
+    return pd.DataFrame(rows)
+
+
+def compare(reports_dir: Path, method: str, selection: str = "best_val") -> list[Path]:
+    reports_dir = Path(reports_dir)
+    runs_csv = reports_dir / "tables" / "runs.csv"
+    if not runs_csv.is_file():
+        raise FileNotFoundError(f"{runs_csv} not found: run `g2d aggregate` first")
+    runs = pd.read_csv(runs_csv, keep_default_na=False, na_values=[""])
+    df = paired(runs, method, selection)
+    out = reports_dir / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    csv = out / f"{method}.csv"
+    tmp = csv.with_suffix(".csv.tmp")
+    df.to_csv(tmp, index=False, float_format="%.6g")
+    tmp.replace(csv)
+    df = pd.read_csv(csv)
+    standin = set(runs[runs.method == method].source) == {"standin"}
+    md, _ = environments()
+    text = md.get_template("compare.md.j2").render(
+        method=method, rows=df.to_dict("records"), csv=csv.as_posix(), standin=standin,
+        selection=selection, selection_text=SELECTIONS[selection])
+    path = out / f"{method}.md"
+    atomic_write_text(path, text)
+    return [csv, path]
