@@ -1,0 +1,212 @@
+"""Fixture writers for raw-data tests: files in each dataset's exact raw format, plus a local HTTP server.
+
+Helpers are prefixed `raw_`; other agents add their own fixture modules rather than editing this one.
+"""
+from __future__ import annotations
+
+import contextlib
+import http.server
+import threading
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+
+def raw_sine(freq: float, sr: int, seconds: float, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(round(sr * seconds)) / sr
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def raw_write_wav(path: Path, signal: np.ndarray, sr: int) -> Path:
+    """16-bit PCM WAV like CREMA-D's AudioWAV files."""
+    import soundfile as sf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), signal, sr, subtype="PCM_16")
+    return path
+
+
+def raw_frame_image(index: int, h: int, w: int) -> np.ndarray:
+    """A frame whose flat grey level encodes its index (survives lossy coding to within a few levels)."""
+    return np.full((h, w, 3), (index * 8) % 256, np.uint8)
+
+
+def raw_write_video(path: Path, n_frames: int, fps: int = 30, size: tuple[int, int] = (48, 64),
+                    audio: np.ndarray | None = None, audio_sr: int = 44100, fmt: str | None = None) -> Path:
+    """FLV (CREMA-D, codec flv1) or MP4 (VGGSound, mpeg4 + aac) via PyAV; frame i has grey level 8*i."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = fmt or ("flv" if path.suffix == ".flv" else "mp4")
+    h, w = size
+    with av.open(str(path), "w", format=fmt) as c:
+        vs = c.add_stream("flv" if fmt == "flv" else "mpeg4", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        vs.options = {"qscale": "2"} if fmt != "flv" else {}
+        as_ = None
+        if audio is not None:
+            as_ = c.add_stream("aac" if fmt == "mp4" else "mp3", rate=audio_sr)
+            as_.layout = "mono"
+        for i in range(n_frames):
+            frame = av.VideoFrame.from_ndarray(raw_frame_image(i, h, w), format="rgb24")
+            for p in vs.encode(frame):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        if as_ is not None:
+            frame_size = as_.codec_context.frame_size or 1024
+            pcm = np.asarray(audio, np.float32)
+            for s in range(0, len(pcm), frame_size):
+                chunk = pcm[s:s + frame_size]
+                af = av.AudioFrame.from_ndarray(chunk[None, :].copy(), format="fltp", layout="mono")
+                af.sample_rate = audio_sr
+                af.pts = s
+                for p in as_.encode(af):
+                    c.mux(p)
+            for p in as_.encode():
+                c.mux(p)
+    return path
+
+
+class _RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files with HTTP Range support; `cut_after` bytes per response simulate a dropped transfer."""
+
+    cut_after: int | None = None
+    log: ClassVar[list] = []  # replaced per server by raw_http_server
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def do_GET(self):
+        path = Path(self.translate_path(self.path))
+        self.log.append((self.path, self.headers.get("Range")))
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            start = int(rng[6:].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.cut_after is not None:
+            body = body[: self.cut_after]
+        self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def raw_http_server(root: Path, cut_after: int | None = None):
+    """Serve `root` on 127.0.0.1 (random port) in a thread; yields (base_url, handler class with .log)."""
+    handler = type("H", (_RangeHandler,), {"cut_after": cut_after, "log": []})
+
+    def make(*a, **kw):
+        return handler(*a, directory=str(root), **kw)
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", handler
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# ----------------------------------------------------------------------------------------------- CREMA-D
+RAW_CREMAD_FREQ = {"NEU": 430.7, "HAP": 861.3, "SAD": 1722.7, "FEA": 2584.0, "DIS": 3445.3, "ANG": 4306.6}
+
+
+def raw_cremad_tree(root: Path, split_dir: Path, train: list[tuple[str, str]], test: list[tuple[str, str]],
+                    n_frames: int = 45, seconds: float = 1.0, sr: int = 16000) -> Path:
+    """CREMA-D layout: AudioWAV/<clip>.wav (16 kHz PCM16 sine per label), VideoFlash/<clip>.flv (30 fps);
+    split files in the official format (no header, `clip,LABEL`, CRLF)."""
+    root, split_dir = Path(root), Path(split_dir)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("test", test)):
+        (split_dir / f"cremad_{name}.csv").write_bytes("".join(f"{c},{lab}\r\n" for c, lab in rows).encode())
+        for clip, lab in rows:
+            raw_write_wav(root / "AudioWAV" / f"{clip}.wav", raw_sine(RAW_CREMAD_FREQ[lab], sr, seconds), sr)
+            raw_write_video(root / "VideoFlash" / f"{clip}.flv", n_frames, fps=30)
+    return root
+
+
+def raw_cremad_rows(n_per_class: int, offset: int = 0) -> list[tuple[str, str]]:
+    labs = list(RAW_CREMAD_FREQ)
+    return [(f"{1001 + offset + i}_IEO_{lab}_XX", lab) for i in range(n_per_class) for lab in labs]
+
+
+# ----------------------------------------------------------------------------------------------- AV-MNIST
+def raw_avmnist_tree(root: Path, n_train: int = 40, n_test: int = 20, flat_image: bool = True, seed: int = 0,
+                     noise: bool = True) -> Path:
+    """MultiBench avmnist layout; image pixel (0, 0) and audio pixel (0, 0) encode the label (x 20)."""
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, n in (("train", n_train), ("test", n_test)):
+        lab = np.arange(n) % 10
+        rng.shuffle(lab)
+        img = rng.integers(0, 256, (n, 28, 28)).astype(np.float64) if noise else np.zeros((n, 28, 28))
+        aud = rng.integers(0, 256, (n, 112, 112), dtype=np.uint8) if noise else np.zeros((n, 112, 112), np.uint8)
+        img[:, 0, 0] = lab * 20
+        aud[:, 0, 0] = lab * 20
+        (root / "image").mkdir(parents=True, exist_ok=True)
+        (root / "audio").mkdir(parents=True, exist_ok=True)
+        np.save(root / "image" / f"{split}_data.npy", img.reshape(n, 784) if flat_image else img)
+        np.save(root / "audio" / f"{split}_data.npy", aud)
+        np.save(root / f"{split}_labels.npy", lab.astype(np.int64))
+    return root
+
+
+def raw_targz(src_dir: Path, archive: Path, arcname: str) -> Path:
+    import tarfile
+
+    archive = Path(archive)
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as t:
+        t.add(src_dir, arcname=arcname)
+    return archive
+
+
+# ----------------------------------------------------------------------------------------------- VGGSound
+RAW_VGG_LABELS = {"dog barking": 40, "people eating, crunching": 80, "playing tennis": 20}  # label -> STFT bin
+
+
+def raw_vggsound_tree(raw_dir: Path, rows: list[tuple[str, int, str, str]], header: bool = False,
+                      seconds: float = 4.0, fps: int = 10, n_frames: int = 50, sr: int = 44100) -> Path:
+    """vggsound.csv (`youtube_id,start,label,split`, quoted labels) + video/<id>_<start:06d>.mp4 clips whose
+    audio is a sine at bin*16000/256 Hz (bin per label) and frame i has grey level 8*i."""
+    import csv as _csv
+    import io as _io
+
+    raw_dir = Path(raw_dir)
+    buf = _io.StringIO()
+    w = _csv.writer(buf, lineterminator="\n")
+    if header:
+        w.writerow(["youtube_id", "time", "label", "split"])
+    for y, t, lab, split in rows:
+        w.writerow([y, t, lab, split])
+        freq = RAW_VGG_LABELS[lab] * 16000 / 256
+        raw_write_video(raw_dir / "video" / f"{y}_{t:06d}.mp4", n_frames, fps=fps, size=(32, 48),
+                        audio=raw_sine(freq, sr, seconds), audio_sr=sr)
+    (raw_dir / "vggsound.csv").write_text(buf.getvalue())
+    return raw_dir
+
+
+def raw_vggsound_rows(n_train_per: int, n_test_per: int) -> list[tuple[str, int, str, str]]:
+    rows = []
+    for j, lab in enumerate(RAW_VGG_LABELS):
+        for i in range(n_train_per + n_test_per):
+            rows.append((f"-a{j}_b{i}", 10 * i + j, lab, "train" if i < n_train_per else "test"))
+    return rows
