@@ -13,6 +13,7 @@ from pathlib import Path
 
 from g2d import config as C
 from g2d import registry
+from g2d.data.raw.fetching import RawDataError
 
 
 def _cfg(args) -> C.Schema:
@@ -65,7 +66,8 @@ def cmd_codehash(args) -> None:
     cfg = _cfg(args)
     from g2d.codehash import write_all
 
-    paths = write_all(cfg.suite.methods, Path("data/code"))
+    methods = [m for g in cfg.suite.groups.values() for m in g.methods]
+    paths = write_all(methods, Path("data/code"))
     print(f"[g2d] code fingerprints for {len(paths)} methods in data/code/")
 
 
@@ -74,27 +76,40 @@ def _seeds(args, cfg) -> list[int]:
 
 
 def cmd_train(args) -> None:
+    """One method on one dataset, or (`--group G`) on every dataset of suite.groups.G."""
     cfg = _cfg(args)
     from g2d.runs import train_group
 
-    mod = None
-    if cfg.method == "unimodal":
-        mod = C.method_params(cfg).modality
-    train_group(cfg, cfg.method, cfg.dataset, _seeds(args, cfg), mod, args.summary)
+    mod = C.method_params(cfg).modality if cfg.method == "unimodal" else None
+    if args.group:
+        if args.group not in cfg.suite.groups:
+            raise C.ConfigError(f"--group {args.group!r} not in suite.groups ({', '.join(cfg.suite.groups)})")
+        group = cfg.suite.groups[args.group]
+        if cfg.method not in group.methods:
+            raise C.ConfigError(f"method {cfg.method!r} is not in suite.groups.{args.group}.methods")
+        runs = Path(cfg.paths.runs) / args.group / cfg.method
+        for ds in group.datasets:
+            train_group(cfg, cfg.method, ds, _seeds(args, cfg), None, args.summary, runs)
+    else:
+        train_group(cfg, cfg.method, cfg.dataset, _seeds(args, cfg), mod, args.summary)
 
 
 def cmd_teacher(args) -> None:
-    """`g2d teacher cremad-audio`: the unimodal teacher stage for one dataset-modality pair."""
-    cfg0 = _cfg(args)
-    if args.pair not in cfg0.suite.teachers:
-        raise C.ConfigError(f"teacher {args.pair!r} not in suite.teachers ({', '.join(cfg0.suite.teachers)})")
-    dataset, modality = cfg0.suite.teachers[args.pair].dataset, cfg0.suite.teachers[args.pair].modality
-    args.overrides = [*args.overrides, "method=unimodal", f"dataset={dataset}",
-                      f"methods.unimodal.modality={modality}"]
+    """`g2d teacher cremad [--modality audio]`: unimodal teachers of a dataset (every modality by default)."""
     cfg = _cfg(args)
     from g2d.runs import train_group
 
-    train_group(cfg, "unimodal", dataset, _seeds(args, cfg), modality, args.summary)
+    spec = registry.get_dataset(args.name).spec
+    if registry.get_dataset(args.name).view_of:
+        raise C.ConfigError(f"{args.name} is a view of {registry.get_dataset(args.name).view_of}: "
+                            "views use their parent's teachers")
+    mods = [args.modality] if args.modality else list(spec.modality_names)
+    for m in mods:
+        if m not in spec.modality_names:
+            raise C.ConfigError(f"{args.name} has no modality {m!r} ({', '.join(spec.modality_names)})")
+        mcfg = C.load_config([*args.overrides, "method=unimodal", f"dataset={args.name}",
+                              f"methods.unimodal.modality={m}"], args.params)
+        train_group(mcfg, "unimodal", args.name, _seeds(args, mcfg), m, args.summary)
 
 
 def cmd_aggregate(args) -> None:
@@ -159,6 +174,7 @@ def _main(argv: list[str]) -> int:
             p.add_argument("dataset", nargs="?", help="dataset name (default: params.yaml `dataset`)")
         if seeds:
             p.add_argument("--all-seeds", action="store_true", help="train every seed in suite.seeds")
+            p.add_argument("--group", default=None, help="train on every dataset of suite.groups.<GROUP>")
             p.add_argument("--summary", type=Path, default=None,
                            help="also write <dir>/<run>.json and .csv summaries (e.g. reports/runs)")
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. trainer.epochs=5")
@@ -169,10 +185,10 @@ def _main(argv: list[str]) -> int:
     add("fetch", cmd_fetch, "download and verify a real dataset", dataset=True)
     add("prepare", cmd_prepare, "raw -> prepared tensors (or generate the stand-in)", dataset=True)
     add("train", cmd_train, "train one method on one dataset", seeds=True)
-    t = add("teacher", cmd_teacher, "train a unimodal teacher: g2d teacher <dataset>-<modality>", seeds=True)
-    t.add_argument("pair", help="<dataset>-<modality>, e.g. cremad-audio")
-    # argparse: positional 'pair' must come before the overrides list
-    t._actions.insert(0, t._actions.pop())
+    t = add("teacher", cmd_teacher, "train unimodal teachers: g2d teacher <dataset> [--modality M]", seeds=True)
+    t.add_argument("name", help="dataset, e.g. cremad")
+    t.add_argument("--modality", default=None, help="one modality (default: every modality)")
+    t._actions.insert(0, t._actions.pop(-2))  # the dataset positional comes before the overrides
     add("codehash", cmd_codehash, "write per-method code fingerprints (data/code/<method>.txt)")
     add("aggregate", cmd_aggregate, "per-run summaries -> tidy tables (reports/tables/*.csv)")
     add("report", cmd_report, "tables -> rendered reports (Markdown, LaTeX, HTML)")
@@ -188,7 +204,7 @@ def _main(argv: list[str]) -> int:
     except (C.ConfigError, registry.RegistryError) as e:
         print(f"g2d: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, NotImplementedError) as e:
+    except (FileNotFoundError, NotImplementedError, RawDataError) as e:
         print(f"g2d: error: {e}", file=sys.stderr)
         return 1
     return 0

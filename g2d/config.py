@@ -21,21 +21,23 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class TeacherStage:
-    dataset: str = ""
-    modality: str = ""
+class GroupConfig:
+    methods: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)  # datasets or modality-subset views
 
 
 @dataclass
 class SuiteConfig:
-    """The DVC matrix axes (dvc.yaml reads these lists directly)."""
+    """What `dvc repro` runs (dvc.yaml reads these lists directly).
 
-    datasets: list[str] = field(default_factory=lambda: ["cremad"])  # fetched + prepared
-    views: dict[str, str] = field(default_factory=dict)  # modality-subset view -> parent dataset
-    train: list[str] = field(default_factory=lambda: ["cremad"])  # datasets/views methods train on
-    methods: list[str] = field(default_factory=lambda: ["joint"])
+    `datasets` are fetched, prepared and get one unimodal teacher per modality. Each group trains
+    its methods on its datasets (stage `<group>@<method>`: one process per method, all datasets
+    and seeds); a (method, dataset) pair belongs to at most one group.
+    """
+
+    datasets: list[str] = field(default_factory=lambda: ["cremad"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    teachers: dict[str, TeacherStage] = field(default_factory=dict)  # stage key -> dataset + modality
+    groups: dict[str, GroupConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,40 +160,38 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), params: str | Path 
 
 
 def _check_suite(out: Schema, params: Path) -> None:
-    """Cross-check the suite lists so a missing teacher or block fails before any training."""
+    """Cross-check the suite so a missing block, an unsupported task or a duplicate fails before training."""
     from g2d import registry
 
     s = out.suite
-    for name in [*s.datasets, *s.train, *s.views]:
-        registry.get_dataset(name)
-    for view, parent in s.views.items():
-        if registry.get_dataset(view).view_of != parent:
-            raise ConfigError(f"{params}: suite.views.{view}: {view} is not a view of {parent!r}")
-        if parent not in s.datasets:
-            raise ConfigError(f"{params}: suite.views.{view}: parent {parent!r} must be in suite.datasets")
-    for name in s.train:
-        if name not in s.datasets and name not in s.views:
-            raise ConfigError(f"{params}: suite.train: {name!r} is neither in suite.datasets nor suite.views")
-    have = {(t.dataset, t.modality) for t in s.teachers.values()}
-    for key, t in s.teachers.items():
-        if key != f"{t.dataset}-{t.modality}":
-            raise ConfigError(f"{params}: suite.teachers.{key}: key must be '{t.dataset}-{t.modality}'")
-        if t.modality not in registry.get_dataset(t.dataset).spec.modality_names:
-            raise ConfigError(f"{params}: suite.teachers.{key}: {t.dataset} has no modality {t.modality!r}")
-    for name in s.methods:
-        cls = registry.get_method(name)
-        if name not in out.methods:
-            raise ConfigError(f"{params}: method {name!r} is in suite.methods but has no `methods.{name}` block "
-                              "(add `{name}: {{}}` under methods:)".replace("{name}", name))
-        if getattr(cls, "needs_teachers", False):
-            for ds in s.train:
-                for mod in registry.get_dataset(ds).spec.modality_names:
-                    if (ds, mod) not in have:
-                        raise ConfigError(f"{params}: {name} needs teachers but suite.teachers has no "
-                                          f"'{ds}-{mod}' (add `{ds}-{mod}: {{dataset: {ds}, modality: {mod}}}`)")
-    for ds in [*s.datasets, *s.views]:
-        if ds not in out.datasets:
-            raise ConfigError(f"{params}: dataset {ds!r} is in the suite but has no `datasets.{ds}` block")
+    for name in s.datasets:
+        if registry.get_dataset(name).view_of:
+            raise ConfigError(f"{params}: suite.datasets: {name!r} is a view; list it in a group instead")
+        if name not in out.datasets:
+            raise ConfigError(f"{params}: dataset {name!r} is in suite.datasets but has no `datasets.{name}` block "
+                              f"(add `{name}: {{}}` under datasets:)")
+    seen: dict[tuple[str, str], str] = {}
+    for g, group in s.groups.items():
+        for ds in group.datasets:
+            dcls = registry.get_dataset(ds)
+            base = dcls.view_of or ds
+            if base not in s.datasets:
+                raise ConfigError(f"{params}: suite.groups.{g}: dataset {ds!r} needs {base!r} in suite.datasets")
+        for name in group.methods:
+            cls = registry.get_method(name)
+            if name not in out.methods:
+                raise ConfigError(f"{params}: method {name!r} (suite.groups.{g}) has no `methods.{name}` block "
+                                  f"(add `{name}: {{}}` under methods:)")
+            tasks = getattr(cls, "tasks", ("classification", "regression"))
+            for ds in group.datasets:
+                task = registry.get_dataset(ds).spec.task
+                if task not in tasks:
+                    raise ConfigError(f"{params}: suite.groups.{g}: {name} supports {list(tasks)}, "
+                                      f"but {ds} is {task}")
+                if (name, ds) in seen:
+                    raise ConfigError(f"{params}: {name} on {ds} is in groups {seen[(name, ds)]!r} and {g!r}; "
+                                      "a run belongs to one group")
+                seen[(name, ds)] = g
 
 
 def method_params(cfg: Schema, name: str | None = None) -> Any:

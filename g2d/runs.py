@@ -19,20 +19,27 @@ def summary_name(name: str) -> str:
     return name.replace("teachers/", "teacher-").replace("/", "-")
 
 
+def base_dataset(dataset: str) -> str:
+    """A view (e.g. urfunny-av) reads its parent's prepared data and teachers."""
+    from g2d import registry
+
+    return registry.get_dataset(dataset).view_of or dataset
+
+
 def prepared_dir(cfg: C.Schema, dataset: str) -> Path:
     """Prepared arrays of a dataset (meta.json records whether they are a stand-in or real)."""
-    return Path(cfg.paths.prepared) / dataset
+    return Path(cfg.paths.prepared) / base_dataset(dataset)
 
 
 def train_group(cfg: C.Schema, method: str, dataset: str, seeds: list[int], modality: str | None = None,
-                summary_dir: Path | None = None) -> list[dict]:
-    """Train `method` on `dataset` for each seed; write the committed per-group summary files."""
+                summary_dir: Path | None = None, runs_dir: Path | None = None) -> list[dict]:
+    """Train `method` on `dataset` for each seed; write the committed summary files of this run group."""
     from g2d.train.trainer import RunSpec, Trainer
 
     name = run_name(method, dataset, modality)
     results, histories = [], []
     for seed in seeds:
-        run_dir = Path(cfg.paths.runs) / name / f"s{seed}"
+        run_dir = Path(runs_dir or cfg.paths.runs) / name / f"s{seed}"
         trainer = Trainer(cfg, RunSpec(method, dataset, seed, run_dir, prepared_dir(cfg, dataset),
                                        Path(cfg.paths.runs)))
         res = trainer.fit()

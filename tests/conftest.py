@@ -40,3 +40,15 @@ def spec2():
 @pytest.fixture
 def spec3():
     return tiny_spec(3)
+
+
+@pytest.fixture(scope="session")
+def ci_project(tmp_path_factory):
+    """The project's pipeline reproduced once per test session on the CI profile (about a minute)."""
+    import sys
+
+    from tests.pipeline_project import make_project, run
+
+    dest = make_project(tmp_path_factory.mktemp("proj"))
+    run([sys.executable, "-m", "dvc", "repro", "-q"], dest)
+    return dest

@@ -17,7 +17,7 @@ COLUMNS = ["run", "method", "dataset", "modality", "source", "seed", "selection"
 
 def tidy(runs_dir: Path) -> pd.DataFrame:
     rows = []
-    for f in sorted(Path(runs_dir).glob("*.json")):
+    for f in sorted(Path(runs_dir).rglob("*.json")):
         summary = json.loads(f.read_text())
         for res in summary["seeds"]:
             for rule, sel in res["selection"].items():

@@ -21,7 +21,8 @@ def _save(fig, path: Path) -> Path:
 
 def learning_curves(runs_dir: Path, dataset: str, out: Path, metric: str = "acc") -> Path | None:
     """Per method: test fused and per-modality-head accuracy per epoch (mean over seeds)."""
-    files = sorted(f for f in Path(runs_dir).glob(f"*-{dataset}.csv") if not f.name.startswith("teacher-"))
+    files = sorted((f for f in Path(runs_dir).rglob(f"*-{dataset}.csv") if not f.name.startswith("teacher-")),
+                   key=lambda f: f.name)
     if not files:
         return None
     n = len(files)
@@ -47,7 +48,7 @@ def learning_curves(runs_dir: Path, dataset: str, out: Path, metric: str = "acc"
 def smp_timeline(runs_dir: Path, dataset: str, out: Path) -> Path | None:
     """Which modality's encoder trained in which epoch: mean kappa per epoch from history.csv."""
     panels = []
-    for f in sorted(Path(runs_dir).glob(f"*-{dataset}.csv")):
+    for f in sorted(Path(runs_dir).rglob(f"*-{dataset}.csv"), key=lambda f: f.name):
         h = pd.read_csv(f)
         kap = [c for c in h.columns if c.startswith("coef/kappa_")]
         if kap:

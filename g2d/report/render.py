@@ -69,7 +69,7 @@ def _write_csv(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     return cells
 
 
-def table_context(name, spec, summary, runs, out_dir: Path) -> dict:
+def table_context(name, spec, summary, runs, out_dir: Path, data_source: str = "standin") -> dict:
     cells = build_pairs(runs, spec) if spec.kind == "pairs" else build(summary, spec)
     csv = out_dir / "tables" / f"{name}.csv"
     cells = _write_csv(cells, csv)
@@ -94,7 +94,8 @@ def table_context(name, spec, summary, runs, out_dir: Path) -> dict:
                   "metric": _label(spec.datasets[0], first, multi)} if eff_rows else None
     return {
         "name": name, "title": spec.title or name, "description": spec.description, "csv": csv.as_posix(),
-        "standin": sources == ["standin"], "sources": ", ".join(sources) or "none",
+        "standin": sources == ["standin"] or (not sources and data_source == "standin"),
+        "sources": ", ".join(sources) or "none (no runs yet)",
         "seeds": int(cells.n.max()) if len(cells) else 0, "selection": spec.selection,
         "selection_text": SELECTIONS[spec.selection], "columns": cols, "rows": rows, "effect": effect,
         "kind": spec.kind,
@@ -125,7 +126,7 @@ def render_all(cfg, out_dir: Path) -> list[Path]:
     md_env, tex_env = environments()
     paths, contexts = [], []
     for name, spec in table_specs(cfg.reports).items():
-        ctx = table_context(name, spec, summary, runs, out_dir)
+        ctx = table_context(name, spec, summary, runs, out_dir, cfg.data_source)
         contexts.append(ctx)
         paths.append(Path(ctx["csv"]))
         for env, tpl, p in ((md_env, "table.md.j2", out_dir / f"{name}.md"),
@@ -133,6 +134,7 @@ def render_all(cfg, out_dir: Path) -> list[Path]:
             atomic_write_text(p, env.get_template(tpl).render(**ctx))
             paths.append(p)
     datasets = list(dict.fromkeys(ds for spec in table_specs(cfg.reports).values() for ds in spec.datasets))
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)  # a declared output even when empty
     figs = _figures(datasets, out_dir)
     html = md_env.get_template("index.html.j2").render(
         tables=contexts, figures=figs, standin=all(c["standin"] for c in contexts))

@@ -41,11 +41,27 @@ def table_specs(reports: dict) -> dict[str, TableSpec]:
     return out
 
 
+CELL_COLUMNS = ["row", "method", "modality", "dataset", "metric", "mean", "std", "n", "cell"]
+
+
 def fmt(mean: float, std: float, n: int) -> str:
     """One formatting rule for every output (md, tex, html) so they round identically."""
     if pd.isna(mean):
         return "-"
     return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
+def expand_metrics(metrics: list[str], dataset: str) -> list[str]:
+    """`acc_*` -> one column per modality of the dataset (acc_audio, acc_visual, ...)."""
+    from g2d import registry
+
+    out = []
+    for m in metrics:
+        if m.endswith("_*"):
+            out += [f"{m[:-2]}_{mod}" for mod in registry.get_dataset(dataset).spec.modality_names]
+        else:
+            out.append(m)
+    return out
 
 
 def build(summary: pd.DataFrame, spec: TableSpec, selection: str | None = None) -> pd.DataFrame:
@@ -62,7 +78,7 @@ def build(summary: pd.DataFrame, spec: TableSpec, selection: str | None = None) 
     rows = []
     for method, mod in labels:
         for ds in spec.datasets:
-            for metric in spec.metrics:
+            for metric in expand_metrics(spec.metrics, ds):
                 hit = sel[(sel.method == method) & (sel.modality.fillna("") == mod) & (sel.dataset == ds)
                           & (sel.metric == metric)]
                 if mod and not metric.endswith(f"_{mod}"):
@@ -77,7 +93,7 @@ def build(summary: pd.DataFrame, spec: TableSpec, selection: str | None = None) 
                 rows.append({"row": f"{mod} teacher" if mod else method, "method": method, "modality": mod,
                              "dataset": ds, "metric": metric, "mean": mean, "std": std, "n": n,
                              "cell": fmt(mean, std, n)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=CELL_COLUMNS)
 
 
 def build_pairs(runs: pd.DataFrame, spec: TableSpec, selection: str | None = None) -> pd.DataFrame:
@@ -103,4 +119,4 @@ def build_pairs(runs: pd.DataFrame, spec: TableSpec, selection: str | None = Non
                 std = float(series.std()) if n > 1 else (0.0 if n else float("nan"))
                 rows.append({"row": f"{without} / {with_}", "method": with_, "modality": "", "dataset": ds,
                              "metric": label, "mean": mean, "std": std, "n": n, "cell": fmt(mean, std, n)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=CELL_COLUMNS)

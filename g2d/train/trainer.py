@@ -47,15 +47,17 @@ def build_optimizer(params, tc: C.TrainerConfig) -> torch.optim.Optimizer:
 
 
 def teacher_path(teacher_dir: Path, dataset: str, modality: str, seed: int) -> Path:
-    return Path(teacher_dir) / "teachers" / dataset / modality / f"s{seed}" / "model.pt"
+    """Teachers are per base dataset: a view (urfunny-av) uses its parent's (same data, same seed)."""
+    base = registry.get_dataset(dataset).view_of or dataset
+    return Path(teacher_dir) / "teachers" / base / modality / f"s{seed}" / "model.pt"
 
 
 def load_teacher(path: Path, spec, mcfg, modality: str, device) -> MultimodalModel:
     if not path.is_file():
         raise FileNotFoundError(
             f"teacher checkpoint {path} not found: train it first "
-            f"(`dvc repro teacher@{spec.name}-{modality}` or `g2d train method=unimodal "
-            f"methods.unimodal.modality={modality} dataset={spec.name}`)")
+            f"(`dvc repro teacher@{registry.get_dataset(spec.name).view_of or spec.name}` or "
+            f"`g2d teacher {registry.get_dataset(spec.name).view_of or spec.name} --all-seeds`)")
     state = checkpoint.load(path)
     teacher = MultimodalModel(spec, mcfg, (modality,))
     try:

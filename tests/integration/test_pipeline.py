@@ -2,56 +2,18 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_project(dest: Path, edit=None) -> Path:
-    """A throwaway copy of the project (code, dvc.yaml, params.yaml with profile=ci) under git + DVC."""
-    for item in ("g2d", "baselines", "dvc.yaml", "pyproject.toml"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, dest / item)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["profile"] = "ci"
-    if edit:
-        edit(params)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (dest / ".gitignore").write_text((ROOT / ".gitignore").read_text())
-    run(["git", "init", "-q"], dest)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], dest)
-    run([sys.executable, "-m", "dvc", "init", "-q"], dest)
-    run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
-    return dest
+from tests.pipeline_project import run
 
 
-def run(cmd, cwd, check=True):
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(cwd)}
-    # stages call `g2d`: make sure the venv's console script is on PATH
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and res.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
-    return res
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    dest = make_project(tmp_path_factory.mktemp("proj"))
-    run([sys.executable, "-m", "dvc", "repro", "-q"], dest)
-    return dest
+@pytest.fixture
+def project(ci_project):
+    return ci_project
 
 
 def numbers(text: str) -> list[str]:
@@ -75,8 +37,8 @@ def test_table_numbers_equal_metric_files(project):
         if row.n == 0:
             continue
         seeds = json.loads((project / "reports/runs" / (
-            f"teacher-cremad-{row.modality}.json" if isinstance(row.modality, str) and row.modality
-            else f"{row.method}-cremad.json")).read_text())["seeds"]
+            f"teachers/cremad/teacher-cremad-{row.modality}.json" if isinstance(row.modality, str) and row.modality
+            else f"main/{row.method}/{row.method}-cremad.json")).read_text())["seeds"]
         vals = [s["selection"]["best_val"]["test"][row.metric] for s in seeds]
         assert row.mean == pytest.approx(sum(vals) / len(vals), abs=1e-4)
         assert row.n == len(vals)
@@ -86,7 +48,22 @@ def test_table_numbers_equal_metric_files(project):
     assert numbers(line) == [x for r in joint.itertuples() for x in (f"{r.mean:.2f}", f"{r.std:.2f}")]
 
 
-def test_rerun_is_noop_and_method_change_reruns_only_it(project):
+def test_rerun_is_noop(project):
     res = run([sys.executable, "-m", "dvc", "repro"], project)
-    assert "Running stage 'train@joint-cremad'" not in res.stdout
+    assert "Running stage 'main@" not in res.stdout
     assert "Running stage 'teacher@" not in res.stdout
+
+
+def test_method_code_change_stales_only_its_stages(project):
+    src = project / "g2d/methods/joint.py"
+    original = src.read_text()
+    try:
+        src.write_text(original + "\n# a deliberate change\n")
+        run([sys.executable, "-m", "dvc", "repro", "-q", "codehash"], project)
+        status = run([sys.executable, "-m", "dvc", "status"], project).stdout
+        assert "main@joint" in status
+        assert "main@g2d" not in status and "teacher@" not in status and "prepare@" not in status
+    finally:
+        src.write_text(original)
+        run([sys.executable, "-m", "dvc", "repro", "-q", "codehash"], project)
+    assert "main@joint" not in run([sys.executable, "-m", "dvc", "status"], project).stdout

@@ -53,13 +53,35 @@ def test_dataset_trainer_override(tmp_path):
     assert trainer_config(cfg, "cremad").epochs == 7 and cfg.trainer.epochs != 7
 
 
-def test_missing_teacher_named(tmp_path):
+def test_run_in_two_groups_rejected(tmp_path):
     def edit(d):
-        d["suite"]["teachers"].pop("cremad-visual")
-        d["suite"]["methods"] = ["g2d"]
-        d["methods"]["g2d"] = {}
+        d["suite"]["groups"]["ablation"]["methods"].append("joint")
 
-    with pytest.raises(ConfigError, match="cremad-visual"):
+    with pytest.raises(ConfigError, match="joint on cremad is in groups 'main' and 'ablation'"):
+        load_config([], tmp_params(tmp_path, edit))
+
+
+def test_unsupported_task_rejected(tmp_path):
+    def edit(d):
+        d["suite"]["groups"]["regression"]["methods"].append("agm")
+
+    with pytest.raises(ConfigError, match="agm supports \\['classification'\\], but misme is regression"):
+        load_config([], tmp_params(tmp_path, edit))
+
+
+def test_group_method_needs_block(tmp_path):
+    def edit(d):
+        d["methods"].pop("umt")
+
+    with pytest.raises(ConfigError, match="has no `methods.umt` block"):
+        load_config([], tmp_params(tmp_path, edit))
+
+
+def test_view_needs_parent_dataset(tmp_path):
+    def edit(d):
+        d["suite"]["datasets"].remove("urfunny")
+
+    with pytest.raises(ConfigError, match="needs 'urfunny' in suite.datasets"):
         load_config([], tmp_params(tmp_path, edit))
 
 

@@ -108,7 +108,7 @@ def test_missing_teacher_is_clear(tmp_path):
     cfg = _setup(tmp_path)
     from g2d.registry import get_dataset
 
-    with pytest.raises(FileNotFoundError, match=r"teacher@cremad-audio"):
+    with pytest.raises(FileNotFoundError, match=r"dvc repro teacher@cremad"):
         load_teacher(tmp_path / "nope/model.pt", get_dataset("cremad").spec, cfg.model, "audio", "cpu")
 
 
