@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.integration.test_pipeline import make_project  # noqa: E402
+from tests.pipeline_project import make_project  # noqa: E402
 
 
 def measure(profile: str) -> dict:
