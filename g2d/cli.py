@@ -78,7 +78,7 @@ def _seeds(args, cfg) -> list[int]:
 def cmd_train(args) -> None:
     """One method on one dataset, or (`--group G`) on every dataset of suite.groups.G."""
     cfg = _cfg(args)
-    from g2d.runs import train_group
+    from g2d.runs import train_group, train_many
 
     mod = C.method_params(cfg).modality if cfg.method == "unimodal" else None
     if args.group:
@@ -88,8 +88,7 @@ def cmd_train(args) -> None:
         if cfg.method not in group.methods:
             raise C.ConfigError(f"method {cfg.method!r} is not in suite.groups.{args.group}.methods")
         runs = Path(cfg.paths.runs) / args.group / cfg.method
-        for ds in group.datasets:
-            train_group(cfg, cfg.method, ds, _seeds(args, cfg), None, args.summary, runs)
+        train_many(cfg, [(cfg.method, ds, None) for ds in group.datasets], _seeds(args, cfg), args.summary, runs)
     else:
         train_group(cfg, cfg.method, cfg.dataset, _seeds(args, cfg), mod, args.summary)
 
@@ -97,7 +96,6 @@ def cmd_train(args) -> None:
 def cmd_teacher(args) -> None:
     """`g2d teacher cremad [--modality audio]`: unimodal teachers of a dataset (every modality by default)."""
     cfg = _cfg(args)
-    from g2d.runs import train_group
 
     spec = registry.get_dataset(args.name).spec
     if registry.get_dataset(args.name).view_of:
@@ -107,9 +105,9 @@ def cmd_teacher(args) -> None:
     for m in mods:
         if m not in spec.modality_names:
             raise C.ConfigError(f"{args.name} has no modality {m!r} ({', '.join(spec.modality_names)})")
-        mcfg = C.load_config([*args.overrides, "method=unimodal", f"dataset={args.name}",
-                              f"methods.unimodal.modality={m}"], args.params)
-        train_group(mcfg, "unimodal", args.name, _seeds(args, mcfg), m, args.summary)
+    from g2d.runs import train_many
+
+    train_many(cfg, [("unimodal", args.name, m) for m in mods], _seeds(args, cfg), args.summary)
 
 
 def cmd_aggregate(args) -> None:

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -92,6 +92,7 @@ class Schema:
     seed: int = 0
     profile: str = "embedded"
     data_source: str = "standin"  # standin (embedded suite, offline) | real (fetched + prepared datasets)
+    workers: int = 0  # parallel training processes on CPU (0 = one per core); results do not depend on it
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -234,5 +235,5 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def optional(x: Optional[Any], default: Any) -> Any:
+def optional(x: Any | None, default: Any) -> Any:
     return default if x is None else x
