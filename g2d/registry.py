@@ -6,8 +6,9 @@ A duplicate name raises, so two files can never silently shadow each other.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 

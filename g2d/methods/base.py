@@ -7,8 +7,9 @@ state that must survive a checkpoint. The trainer owns data, optimisation, eval 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
