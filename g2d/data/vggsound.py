@@ -17,10 +17,17 @@ from g2d.registry import register_dataset
 N_CLASSES = 309
 
 
-def _standin() -> StandinConfig:  # placeholder until calibrated
-    return StandinConfig(n_train=1545, n_test=618, modalities={
-        "audio": StandinModality(shape=[1, 16, 24], code="linear", noise=1.0),
-        "visual": StandinModality(shape=[3, 3, 16, 16], code="linear", noise=1.2)})
+def _standin() -> StandinConfig:
+    """NOT calibrated within the embedded budget (reports/calibration.md): with 309 classes at ~4
+    training samples per class both teachers stay below the published accuracies and both Joint-Train
+    heads collapse. Audio is the clean, fast code; visual the noisier, weaker one (3 frames). A
+    separate val split is drawn (a stratified 10% carve would leave classes empty)."""
+    return StandinConfig(n_train=1236, n_val=309, n_test=618, real_n_train=183730, real_n_test=15446,
+                         modalities={
+                             "audio": StandinModality(shape=[1, 12, 12], code="linear", bits=12, noise=0.0,
+                                                      amplitude=6.0, density=0.2),
+                             "visual": StandinModality(shape=[3, 3, 8, 8], code="linear", bits=12, noise=0.4,
+                                                       amplitude=1.2, density=0.15)})
 
 
 @dataclass
