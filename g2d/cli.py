@@ -162,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if argv[:1] == ["calibrate"]:  # its own argument parser (g2d/calibrate.py)
+        from g2d.calibrate import main as calibrate
+
+        return calibrate(argv[1:])
     ap = argparse.ArgumentParser(prog="g2d", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -190,6 +194,8 @@ def _main(argv: list[str]) -> int:
     add("codehash", cmd_codehash, "write per-method code fingerprints (data/code/<method>.txt)")
     add("aggregate", cmd_aggregate, "per-run summaries -> tidy tables (reports/tables/*.csv)")
     add("report", cmd_report, "tables -> rendered reports (Markdown, LaTeX, HTML)")
+    sub.add_parser("calibrate", add_help=False,
+                   help="calibrate the embedded stand-ins (teachers + Joint-Train); `g2d calibrate --help`")
     c = add("compare", cmd_compare, "paired per-seed comparison of one method against the whole suite")
     c.add_argument("method", help="registered method name, e.g. g2d")
     c._actions.insert(0, c._actions.pop())
