@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from g2d.data.prepared import atomic_write_text
+
 COLUMNS = ["run", "method", "dataset", "modality", "source", "seed", "selection", "epoch", "split", "metric",
            "value", "git_sha"]
 
@@ -50,10 +52,22 @@ def aggregate(reports_dir: Path) -> list[Path]:
     tables = reports_dir / "tables"
     tables.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, frame in (("runs", df), ("summary", summarise(df))):
+    summary = summarise(df)
+    for name, frame in (("runs", df), ("summary", summary)):
         p = tables / f"{name}.csv"
         tmp = p.with_suffix(".csv.tmp")
         frame.to_csv(tmp, index=False, float_format="%.6g")
         tmp.replace(p)
         paths.append(p)
+    paths.append(headline(summary, tables / "headline.json"))
     return paths
+
+
+def headline(summary: pd.DataFrame, path: Path) -> Path:
+    """`dvc metrics show` / `dvc exp show`: each run's mean test primary metric (best-val selection)."""
+    sel = summary[(summary.selection == "best_val") & (summary.split == "test") & summary.metric.isin(["acc", "rmse"])]
+    out: dict[str, dict[str, float]] = {}
+    for r in sel.itertuples():
+        out.setdefault(r.dataset, {})[r.run.removesuffix(f"-{r.dataset}")] = round(float(r.mean), 4)
+    atomic_write_text(path, json.dumps(out, indent=2, sort_keys=True) + "\n")
+    return path

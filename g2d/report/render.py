@@ -63,7 +63,8 @@ def _write_csv(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     tmp = path.with_suffix(".csv.tmp")
     df.to_csv(tmp, index=False, float_format="%.6g")
     tmp.replace(path)
-    cells = pd.read_csv(path, keep_default_na=False, na_values=[""])  # render from the file, not memory
+    # render from the file, not from memory
+    cells = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"modality": str, "row": str})
     cells["modality"] = cells["modality"].fillna("")
     cells["cell"] = [fmt(m, s, int(n)) for m, s, n in zip(cells["mean"], cells["std"], cells["n"])]
     return cells
@@ -92,14 +93,34 @@ def table_context(name, spec, summary, runs, out_dir: Path, data_source: str = "
             eff_rows.append({"label": label, "cells": row_cells})
         effect = {"rules": list(SELECTIONS), "rows": eff_rows,
                   "metric": _label(spec.datasets[0], first, multi)} if eff_rows else None
+    standin = sources == ["standin"] or (not sources and data_source == "standin")
+    paper_rows = [] if standin else _paper_rows(spec, cols, out_dir)
     return {
-        "name": name, "title": spec.title or name, "description": spec.description, "csv": csv.as_posix(),
+        "paper_rows": paper_rows, "name": name, "title": spec.title or name, "description": spec.description, "csv": csv.as_posix(),
         "standin": sources == ["standin"] or (not sources and data_source == "standin"),
         "sources": ", ".join(sources) or "none (no runs yet)",
         "seeds": int(cells.n.max()) if len(cells) else 0, "selection": spec.selection,
         "selection_text": SELECTIONS[spec.selection], "columns": cols, "rows": rows, "effect": effect,
         "kind": spec.kind,
     }
+
+
+def _paper_rows(spec, cols: list[dict], out_dir: Path) -> list[dict]:
+    """The paper's published numbers in this table's columns (real-data runs only, never stand-ins)."""
+    path = out_dir / "paper_numbers.csv"
+    if spec.kind != "methods" or not path.is_file():
+        return []
+    paper = pd.read_csv(path)
+    rows = []
+    for method in spec.methods or sorted(paper.method.unique()):
+        cells, hit = [], False
+        for c in cols:
+            v = paper[(paper.method == method) & (paper.dataset == c["dataset"]) & (paper.metric == c["metric"])]
+            cells.append(f"{v.iloc[0].value:.2f}" if len(v) else "-")
+            hit |= bool(len(v))
+        if hit:
+            rows.append({"label": f"{method} (paper)", "cells": cells})
+    return rows
 
 
 def _figures(datasets: list[str], reports: Path) -> list[dict]:
@@ -119,8 +140,9 @@ def render_all(cfg, out_dir: Path) -> list[Path]:
     summary_path = out_dir / "tables" / "summary.csv"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{summary_path} not found: run `g2d aggregate` (or `dvc repro aggregate`) first")
-    summary = pd.read_csv(summary_path, keep_default_na=False, na_values=[""])
-    runs = pd.read_csv(out_dir / "tables" / "runs.csv", keep_default_na=False, na_values=[""])
+    read = dict(keep_default_na=False, na_values=[""], dtype={"modality": str})
+    summary = pd.read_csv(summary_path, **read)
+    runs = pd.read_csv(out_dir / "tables" / "runs.csv", **read)
     for df in (summary, runs):
         df["modality"] = df["modality"].fillna("")
     md_env, tex_env = environments()
