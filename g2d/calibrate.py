@@ -5,7 +5,7 @@ seed through the normal Trainer, and compare test figures (best-validation epoch
 published teacher / Joint-Train numbers. No imbalance method is ever run or looked at.
 
     python -m g2d.calibrate [--datasets cremad ...] [--seeds 0 1 2] [--out reports/calibration.md]
-                            [--work data/calibration] [--params-only] [key=value overrides ...]
+                            [--work data/calibration] [key=value overrides ...]
 
 It runs with params.yaml as committed (the embedded `trainer:`/`model:` settings and per-dataset
 overrides are the calibrated ones); extra Hydra overrides can be given for experiments.

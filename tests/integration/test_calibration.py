@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from g2d import registry
-from g2d.calibrate import DATASETS, EMBEDDED_OVERRIDES, calibrate_dataset, imbalance_checks, summarise
+from g2d.calibrate import DATASETS, BASE_OVERRIDES, calibrate_dataset, imbalance_checks, summarise
 
 
 CASES = [pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=(
@@ -19,7 +19,7 @@ CASES = [pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=(
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_joint_train_shows_the_imbalance(tmp_path, name):
-    res = calibrate_dataset(name, [0, 1, 2], EMBEDDED_OVERRIDES, work=tmp_path, verbose=False)
+    res = calibrate_dataset(name, [0, 1, 2], BASE_OVERRIDES, work=tmp_path, verbose=False)
     table = summarise(res)
     checks = imbalance_checks(table, name)
     assert checks and all(checks.values()), (checks, table[["role", "modality", "mean", "values"]].to_dict("records"))

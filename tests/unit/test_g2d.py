@@ -4,7 +4,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import make_batch, tiny_model_cfg, tiny_spec
+from tests.conftest import make_batch, tiny_model_cfg, tiny_spec
 
 from g2d import config as C
 from g2d import registry
@@ -137,12 +137,9 @@ dataset: cremad
 profile: embedded
 suite:
   datasets: [cremad]
-  train: [cremad]
-  methods: [g2d]
   seeds: [0]
-  teachers:
-    cremad-audio: {{dataset: cremad, modality: audio}}
-    cremad-visual: {{dataset: cremad, modality: visual}}
+  groups:
+    main: {{methods: [g2d], datasets: [cremad]}}
 paths: {{raw: {tmp_path}/raw, prepared: {tmp_path}/prepared, runs: {tmp_path}/runs, reports: {tmp_path}/rep}}
 trainer: {{epochs: 2, batch_size: 16, eval_batch_size: 64, lr: 0.01, device: cpu, progress: 'off', num_threads: 1}}
 model: {{fusion: late, resnet: {{width: 4, blocks: [1, 1], stem: small}}}}

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batch, tiny_model_cfg, tiny_spec
+from tests.conftest import make_batch, tiny_model_cfg, tiny_spec
 
 from baselines.mmpareto import MMPareto, MMParetoParams, integrate, min_norm_2
 from g2d.methods.base import Context, task_loss

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import make_batch, tiny_model_cfg, tiny_spec
+from tests.conftest import make_batch, tiny_model_cfg, tiny_spec
 from torch import nn
 
 from g2d import config as C

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_batch, tiny_model_cfg, tiny_spec
+from tests.conftest import make_batch, tiny_model_cfg, tiny_spec
 
 from baselines.umt import UME, UMT, UMEParams, UMTParams, distill_loss
 from g2d.methods.base import Context, task_loss
