@@ -29,6 +29,9 @@ def learning_curves(runs_dir: Path, dataset: str, out: Path, metric: str = "acc"
     cols = min(4, n)
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False, sharey=True)
+    first = pd.read_csv(files[0], nrows=1)
+    if f"test/{metric}" not in first.columns:  # regression datasets: curves of RMSE
+        metric = "rmse"
     for ax, f in zip(axes.flat, files):
         h = pd.read_csv(f).groupby("epoch").mean(numeric_only=True)
         for c in [c for c in h.columns if c == f"test/{metric}" or c.startswith(f"test/{metric}_")]:
@@ -41,7 +44,7 @@ def learning_curves(runs_dir: Path, dataset: str, out: Path, metric: str = "acc"
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"{dataset}: test {metric} per epoch (mean over seeds)", fontsize=10)
+    fig.suptitle(f"{dataset}: test {metric} per epoch (mean over seeds)", fontsize=10, y=1.02)
     return _save(fig, out)
 
 

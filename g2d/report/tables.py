@@ -67,7 +67,8 @@ def expand_metrics(metrics: list[str], dataset: str) -> list[str]:
 def build(summary: pd.DataFrame, spec: TableSpec, selection: str | None = None) -> pd.DataFrame:
     """Long table of cells: row label, method, modality, dataset, metric, mean, std, n, cell.
 
-    Teacher rows fill only their own modality's columns (acc_<m>, f1_<m>); other cells are '-'.
+    Teacher rows fill only their own modality's columns (acc_<m>, f1_<m>), or the fused columns of a table
+    without per-modality columns; other cells are '-'.
     """
     sel = summary[(summary.selection == (selection or spec.selection)) & (summary.split == "test")
                   & summary.dataset.isin(spec.datasets)]
@@ -78,10 +79,14 @@ def build(summary: pd.DataFrame, spec: TableSpec, selection: str | None = None) 
     rows = []
     for method, mod in labels:
         for ds in spec.datasets:
-            for metric in expand_metrics(spec.metrics, ds):
+            metrics = expand_metrics(spec.metrics, ds)
+            for metric in metrics:
                 hit = sel[(sel.method == method) & (sel.modality.fillna("") == mod) & (sel.dataset == ds)
                           & (sel.metric == metric)]
-                if mod and not metric.endswith(f"_{mod}"):
+                # a teacher fills its own modality's column; where the table has none (e.g. MIS-ME's fused
+                # MAE/RMSE only), its single-modality prediction fills the fused column
+                own_col = any(m.endswith(f"_{mod}") for m in metrics) or "_" in metric
+                if mod and not metric.endswith(f"_{mod}") and own_col:
                     hit = hit.iloc[0:0]
                 if len(hit) > 1:
                     raise ValueError(f"duplicate summary rows for {method}/{mod}/{ds}/{metric}")
