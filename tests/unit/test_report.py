@@ -85,3 +85,20 @@ def test_rendered_markdown_equals_csv_and_paper_only_for_real(tmp_path, source):
     assert ("g2d (paper) | 85.89" in md) == (source == "real")
     html = (tmp_path / "index.html").read_text()
     assert "<table>" in html and ("Stand-in data" in html) == (source == "standin")
+
+
+def test_teacher_cells_follow_the_table_columns():
+    rows = []
+    for mod in ("image", "weather"):
+        for metric, v in (("rmse", 0.7), (f"rmse_{mod}", 0.7)):
+            rows.append({"run": f"teacher-misme-{mod}", "method": "unimodal", "dataset": "misme", "modality": mod,
+                         "source": "standin", "selection": "best_val", "split": "test", "metric": metric,
+                         "mean": v, "std": 0.0, "n": 3})
+    summary = pd.DataFrame(rows)
+    fused_only = build(summary, TableSpec(datasets=["misme"], metrics=["rmse"])).set_index("row")
+    assert fused_only.loc["image teacher", "n"] == 3  # no per-modality column: the fused column shows it
+    per_mod = build(summary, TableSpec(datasets=["misme"], metrics=["rmse", "rmse_*"]))
+    cell = per_mod[(per_mod.row == "image teacher") & (per_mod.metric == "rmse")]
+    assert int(cell.n.iloc[0]) == 0  # its own column exists: the fused column stays empty
+    own = per_mod[(per_mod.row == "image teacher") & (per_mod.metric == "rmse_image")]
+    assert int(own.n.iloc[0]) == 3
