@@ -12,8 +12,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_project(dest: Path, edit=None) -> Path:
-    """A throwaway copy of the project (code, dvc.yaml, params.yaml with profile=ci) under git + DVC."""
+def make_project(dest: Path, edit=None, small: bool = True) -> Path:
+    """A throwaway copy of the project (code, dvc.yaml, params.yaml) under git + DVC.
+
+    small=True: the CI profile on a small suite (joint and g2d on CREMA-D); False: the suite as committed.
+    """
     for item in ("g2d", "baselines", "dvc.yaml", "pyproject.toml"):
         src = ROOT / item
         if src.is_dir():
@@ -21,11 +24,12 @@ def make_project(dest: Path, edit=None) -> Path:
         else:
             shutil.copy2(src, dest / item)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["profile"] = "ci"
-    # a small but representative suite: two methods (one with teachers + SMP) on CREMA-D
-    params["suite"]["datasets"] = ["cremad"]
-    params["suite"]["groups"] = {g: {"methods": [], "datasets": []} for g in params["suite"]["groups"]}
-    params["suite"]["groups"]["main"] = {"methods": ["joint", "g2d"], "datasets": ["cremad"]}
+    if small:
+        params["profile"] = "ci"
+        # a small but representative suite: two methods (one with teachers + SMP) on CREMA-D
+        params["suite"]["datasets"] = ["cremad"]
+        params["suite"]["groups"] = {g: {"methods": [], "datasets": []} for g in params["suite"]["groups"]}
+        params["suite"]["groups"]["main"] = {"methods": ["joint", "g2d"], "datasets": ["cremad"]}
     if edit:
         edit(params)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
