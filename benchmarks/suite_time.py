@@ -41,7 +41,7 @@ def measure(profile: str) -> dict:
         recs = [json.loads(li) for li in log.read_text().splitlines()]
         train = 0.0
         runs = 0
-        for f in (proj / "reports/runs").glob("*.json"):
+        for f in (proj / "reports/runs").rglob("*.json"):
             for s in json.loads(f.read_text())["seeds"]:
                 train += s["train_time_s"]
                 runs += 1
