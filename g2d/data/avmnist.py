@@ -5,12 +5,9 @@ Real layout (MultiBench / MFAS): image (1, 28, 28), audio spectrogram (1, 112, 1
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from g2d.data.base import Dataset, DatasetConfig, DatasetSpec, ModalitySpec
+from g2d.data.base import Dataset, DatasetSpec, ModalitySpec, config_with_standin
 from g2d.data.standin import StandinConfig, StandinModality
-from g2d.data.standin_dataset import write_standin
 from g2d.registry import register_dataset
 
 
@@ -24,9 +21,7 @@ def _standin() -> StandinConfig:
                                  amplitude=6.0, density=0.15)})
 
 
-@dataclass
-class AvmnistConfig(DatasetConfig):
-    standin: StandinConfig = field(default_factory=_standin)
+AvmnistConfig = config_with_standin("AvmnistConfig", _standin, __name__)
 
 
 @register_dataset("avmnist")
@@ -35,6 +30,3 @@ class Avmnist(Dataset):
     spec = DatasetSpec("avmnist", (ModalitySpec("audio", "spectrogram", (1, 112, 112)),
                                    ModalitySpec("image", "image", (1, 28, 28))),
                        "classification", tuple(str(i) for i in range(10)))
-
-    def standin(self, out_dir: Path, seed: int = 0) -> Path:
-        return write_standin(self, out_dir, seed)

@@ -1,7 +1,8 @@
 """Dataset contract: a spec, real fetch/prepare, and a stand-in generator, all writing one format."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,8 +57,18 @@ class DatasetConfig:
     real: dict[str, Any] = field(default_factory=dict)  # options for g2d.data.raw.<name> (fetch/prepare)
 
 
+def config_with_standin(name: str, defaults: Callable[[], Any], module: str) -> type:
+    """A dataset's Config: the common knobs plus its calibrated stand-in defaults (`standin:` block)."""
+    from g2d.data.standin import StandinConfig
+
+    cls = make_dataclass(name, [("standin", StandinConfig, field(default_factory=defaults))],
+                         bases=(DatasetConfig,))
+    cls.__module__ = module
+    return cls
+
+
 class Dataset:
-    """Base class: subclasses set `spec`, `Config`, and implement `standin`.
+    """Base class: subclasses set `spec` and `Config` (a `config_with_standin` class).
 
     Real-data code lives in `g2d.data.raw.<name>` (functions `fetch` and `prepare`). A *view*
     (`view_of = "urfunny"`) is a modality subset of another dataset's prepared data, e.g. UR-Funny A+V.
@@ -72,7 +83,10 @@ class Dataset:
         self.config = config if config is not None else self.Config()
 
     def standin(self, out_dir: Path, seed: int = 0) -> Path:
-        raise NotImplementedError(f"{self.name}: no stand-in generator")
+        """Generate the embedded stand-in from `config.standin` (see g2d/data/standin.py)."""
+        from g2d.data.standin_dataset import write_standin  # it imports prepared, which imports this module
+
+        return write_standin(self, out_dir, seed)
 
     def _raw(self):
         import importlib

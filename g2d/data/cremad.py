@@ -7,12 +7,9 @@ teacher 76.5%, joint training collapses the visual head.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from g2d.data.base import Dataset, DatasetConfig, DatasetSpec, ModalitySpec
+from g2d.data.base import Dataset, DatasetSpec, ModalitySpec, config_with_standin
 from g2d.data.standin import StandinConfig, StandinModality
-from g2d.data.standin_dataset import write_standin
 from g2d.registry import register_dataset
 
 CLASSES = ("NEU", "HAP", "SAD", "FEA", "DIS", "ANG")  # OGM-GE / G2D class order
@@ -32,9 +29,7 @@ def _standin() -> StandinConfig:
         })
 
 
-@dataclass
-class CremadConfig(DatasetConfig):
-    standin: StandinConfig = field(default_factory=_standin)
+CremadConfig = config_with_standin("CremadConfig", _standin, __name__)
 
 
 @register_dataset("cremad")
@@ -47,6 +42,3 @@ class Cremad(Dataset):
         task="classification",
         classes=CLASSES,
     )
-
-    def standin(self, out_dir: Path, seed: int = 0) -> Path:
-        return write_standin(self, out_dir, seed)

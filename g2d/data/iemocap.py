@@ -5,12 +5,9 @@ convention: audio COVAREP 74-d, visual FACET 35-d, text GloVe 300-d sequences.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from g2d.data.base import Dataset, DatasetConfig, DatasetSpec, ModalitySpec
+from g2d.data.base import Dataset, DatasetSpec, ModalitySpec, config_with_standin
 from g2d.data.standin import StandinConfig, StandinModality
-from g2d.data.standin_dataset import write_standin
 from g2d.registry import register_dataset
 
 SEQ_LEN = 20
@@ -27,9 +24,7 @@ def _standin() -> StandinConfig:
         "text": StandinModality(shape=[10, 24], code="linear", pair_signal=0.0, noise=0.5, flip=0.1)})
 
 
-@dataclass
-class IemocapConfig(DatasetConfig):
-    standin: StandinConfig = field(default_factory=_standin)
+IemocapConfig = config_with_standin("IemocapConfig", _standin, __name__)
 
 
 @register_dataset("iemocap")
@@ -39,6 +34,3 @@ class Iemocap(Dataset):
                                    ModalitySpec("visual", "sequence", (SEQ_LEN, 35)),
                                    ModalitySpec("text", "sequence", (SEQ_LEN, 300))),
                        "classification", CLASSES)
-
-    def standin(self, out_dir: Path, seed: int = 0) -> Path:
-        return write_standin(self, out_dir, seed)

@@ -4,12 +4,9 @@ Real data: 2,701 / 900 / 900 train/val/test images (224x224) + station weather; 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from g2d.data.base import Dataset, DatasetConfig, DatasetSpec, ModalitySpec
+from g2d.data.base import Dataset, DatasetSpec, ModalitySpec, config_with_standin
 from g2d.data.standin import StandinConfig, StandinModality
-from g2d.data.standin_dataset import write_standin
 from g2d.registry import register_dataset
 
 WEATHER = ("air_temperature", "relative_humidity", "precipitation", "solar_flux_density", "wind_speed",
@@ -26,9 +23,7 @@ def _standin() -> StandinConfig:
         "weather": StandinModality(shape=[8], code="linear", factors=[0, 1, 2, 3], noise=0.5, pixel_noise=0.2)})
 
 
-@dataclass
-class MismeConfig(DatasetConfig):
-    standin: StandinConfig = field(default_factory=_standin)
+MismeConfig = config_with_standin("MismeConfig", _standin, __name__)
 
 
 @register_dataset("misme")
@@ -37,6 +32,3 @@ class Misme(Dataset):
     spec = DatasetSpec("misme", (ModalitySpec("image", "image", (3, 224, 224)),
                                  ModalitySpec("weather", "vector", (len(WEATHER),))),
                        "regression", ())
-
-    def standin(self, out_dir: Path, seed: int = 0) -> Path:
-        return write_standin(self, out_dir, seed)

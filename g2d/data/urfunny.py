@@ -6,12 +6,9 @@ word-aligned sequences. The paper also reports modality subsets: registered as v
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from g2d.data.base import Dataset, DatasetConfig, DatasetSpec, ModalitySpec
+from g2d.data.base import Dataset, DatasetSpec, ModalitySpec, config_with_standin
 from g2d.data.standin import StandinConfig, StandinModality
-from g2d.data.standin_dataset import write_standin
 from g2d.registry import register_dataset
 
 SEQ_LEN = 50
@@ -29,18 +26,13 @@ def _standin() -> StandinConfig:
         "visual": StandinModality(shape=[10, 16], code="xor", noise=3.5)})
 
 
-@dataclass
-class UrfunnyConfig(DatasetConfig):
-    standin: StandinConfig = field(default_factory=_standin)
+UrfunnyConfig = config_with_standin("UrfunnyConfig", _standin, __name__)
 
 
 @register_dataset("urfunny")
 class Urfunny(Dataset):
     Config = UrfunnyConfig
     spec = DatasetSpec("urfunny", MODS, "classification", ("not_humor", "humor"))
-
-    def standin(self, out_dir: Path, seed: int = 0) -> Path:
-        return write_standin(self, out_dir, seed)
 
 
 def _view(name: str, mods: tuple[str, ...]):

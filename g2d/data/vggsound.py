@@ -6,12 +6,9 @@ visual 32.3%.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from g2d.data.base import Dataset, DatasetConfig, DatasetSpec, ModalitySpec
+from g2d.data.base import Dataset, DatasetSpec, ModalitySpec, config_with_standin
 from g2d.data.standin import StandinConfig, StandinModality
-from g2d.data.standin_dataset import write_standin
 from g2d.registry import register_dataset
 
 N_CLASSES = 309
@@ -30,9 +27,7 @@ def _standin() -> StandinConfig:
                                                        amplitude=1.2, density=0.15)})
 
 
-@dataclass
-class VggsoundConfig(DatasetConfig):
-    standin: StandinConfig = field(default_factory=_standin)
+VggsoundConfig = config_with_standin("VggsoundConfig", _standin, __name__)
 
 
 @register_dataset("vggsound")
@@ -41,6 +36,3 @@ class Vggsound(Dataset):
     spec = DatasetSpec("vggsound", (ModalitySpec("audio", "spectrogram", (1, 129, 626)),
                                     ModalitySpec("visual", "frames", (3, 3, 224, 224))),
                        "classification", tuple(f"class_{i:03d}" for i in range(N_CLASSES)))
-
-    def standin(self, out_dir: Path, seed: int = 0) -> Path:
-        return write_standin(self, out_dir, seed)
