@@ -15,11 +15,19 @@ official code (Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptatio
 head does not have), so its reported numbers come from `projection="none"`. Test-time fusion
 (`test_fusion="entropy"`): z_i = sum_m softmax_m(-e_m,i) psi(h_m,i), entropy per sample over
 classes (the official code's softmax over the batch, dim=0, is a bug); `"fixed"` returns the
-model's equal-weight fused output.
+fixed-weight sum z = sum_m w_m psi(h_m) with `fixed_weights` = {modality: w_m}; empty (the default) = the
+model's equal-weight fused output (late: mean of the heads, w_m = 1/k). The official fixed fusion weights
+audio (its first modality) 0.55 and visual 0.45: `main(av_alpha = 0.55)` feeds `valid(...)`, where
+`out = av_alpha * out_a + (1 - av_alpha) * out_v` (the official repository above, main.py @ab6c184,
+lines 651 and 968; `--av_alpha` defaults to 0.5 but training runs use main's 0.55); with three
+modalities a 0.35, v 0.25, t 0.4 (`--a_alpha/--v_alpha/--t_alpha`). So `fixed_weights: {audio: 0.55,
+visual: 0.45}` with `test_fusion: fixed` is the official "MLA (fixed fusion)" README command. The paper
+profile (params.yaml `profiles.paper`) keeps `test_fusion: entropy`, the MLA paper's dynamic fusion, so
+it does not use `fixed_weights` (it leaves them empty; see reports/recipes.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +41,10 @@ from g2d.registry import register_method
 class MLAParams:
     projection: str = "paper"  # paper (RLS projector on the shared head) | none (official code as run)
     alpha: float = 0.1  # projector regulariser (official: 0.1 ** (1 + batch_idx / n_batches))
-    test_fusion: str = "entropy"  # entropy (dynamic, paper) | fixed (equal-weight model output)
+    test_fusion: str = "entropy"  # entropy (dynamic, paper) | fixed (sum_m fixed_weights[m] * psi(h_m))
+    # test_fusion=fixed: weight per modality, every modality named; {} = equal weights (the model's fused output).
+    # Official 2-modality value {audio: 0.55, visual: 0.45} (main.py @ab6c184, see the module docstring)
+    fixed_weights: dict[str, float] = field(default_factory=dict)
 
 
 def entropy_fusion(logits: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +78,14 @@ class MLA(Method):
         if params.test_fusion not in ("entropy", "fixed"):
             raise ValueError(f"methods.mla.test_fusion={params.test_fusion!r} not in (entropy, fixed) "
                              "(params.yaml)")
+        w = dict(params.fixed_weights or {})
+        if w:
+            mods = set(spec.modality_names)
+            if set(w) != mods:
+                raise ValueError(f"methods.mla.fixed_weights names {sorted(w)}; {spec.name} has {sorted(mods)}: "
+                                 "give every modality a weight, or {} for equal weights (params.yaml)")
+            if any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
+                raise ValueError(f"methods.mla.fixed_weights={w}: weights must be >= 0 with a positive sum")
         self.P: torch.Tensor | None = None  # projector on the head's input space, accumulated
         self.prev: torch.Tensor | None = None  # mean feature of the previously trained modality
         self.head: nn.Linear | None = None
@@ -124,7 +143,10 @@ class MLA(Method):
 
     def predict(self, out) -> torch.Tensor:
         if self.params.test_fusion == "fixed":
-            return out.fused
+            w = self.params.fixed_weights
+            if not w:
+                return out.fused
+            return sum(float(w[m]) * out.logits[m].float() for m in self.modalities())
         return entropy_fusion([out.logits[m] for m in self.modalities()])[0]
 
     def state_dict(self) -> dict:

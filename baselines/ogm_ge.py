@@ -2,8 +2,9 @@
 
 Per step, s_m = sum over the batch of the true-class softmax of modality m's logits (`out.logits[m]`,
 the head slice / own head of the shared model), rho_m = s_m / (the others' s), and the dominant
-modality's encoder gradient is scaled by k_m = 1 - tanh(alpha * rho_m); GE adds N(0, std(g)^2)
-noise, std taken from the unmodulated gradient, to every selected tensor of every modality.
+modality's encoder gradient is scaled by k_m = 1 - tanh(alpha * rho_m); GE adds N(0, (std(g) + 1e-8)^2)
+noise, std taken per tensor from the unmodulated gradient, to every selected tensor of every modality
+(the official `+ 1e-8` keeps the noise alive where a gradient is exactly zero).
 Choices, cited: (1) `rho_form="official"` (default) uses tanh(alpha*rho) as the paper's coefficient
 (spec §2.1) and the official code (GeWu-Lab/OGM-GE_CVPR2022 main.py @343dc1d) do, so k jumps from 1
 to 1-tanh(alpha) when rho crosses 1; `"shifted"` uses tanh(alpha*(rho-1)), continuous at rho=1.
@@ -31,11 +32,12 @@ from g2d.registry import register_method
 SCOPES = ("conv", "weights", "all")
 RHO_FORMS = ("official", "shifted")
 MULTI = ("mean", "min", "pairwise")
+GE_STD_EPS = 1e-8  # added to the GE noise std (official main.py @343dc1d)
 
 
 @dataclass
 class OGMParams:
-    alpha: float = 0.8  # CREMA-D (official README "Tips"); VGGSound 0.1
+    alpha: float = 0.8  # CREMA-D (official README "Tips"); VGGSound 0.1; G2D's code base (profiles.paper) 1.0
     ge: bool = False  # generalisation enhancement (Gaussian noise)
     start_epoch: int = 0  # modulation window, inclusive, 0-based epochs
     end_epoch: int = 50
@@ -135,8 +137,12 @@ class OGM(Method):
                     if p.grad is None:
                         continue
                     if self.params.ge:  # OGM-GE (GE), spec §2.1: noise std from the *unmodulated* gradient
+                        # std + 1e-8 as the official code: `normal_(0, parms.grad.std().item() + 1e-8)`
+                        # (GeWu-Lab/OGM-GE_CVPR2022 main.py @343dc1d, lines 139 and 146; copied unchanged in
+                        # rAIson-Lab/G2D utils/utils.py @95969d8, lines 189 and 198), so an exactly-zero
+                        # gradient still gets N(0, 1e-8^2) noise
                         std = p.grad.std() if p.grad.numel() > 1 else p.grad.new_zeros(())
-                        noise = torch.randn_like(p.grad) * std
+                        noise = torch.randn_like(p.grad) * (std + GE_STD_EPS)
                         p.grad.mul_(k[i]).add_(noise)
                     else:
                         p.grad.mul_(k[i])

@@ -12,7 +12,9 @@ sees only the trained model's Output), UME trains the M unimodal models inside i
 loss is sum_m CE(logits_m, y) on a model whose per-modality heads share no parameters (late or
 sum fusion, checked in `setup`), so each encoder+head pair receives exactly the gradient of its
 own unimodal loss, i.e. M independent unimodal trainings on the same batches (the optimiser is
-per-parameter; a global `trainer.grad_clip` would couple them and is rejected). `predict`
+per-parameter). `trainer.grad_clip` clips each unimodal model's gradient norm (encoder_m + head_m)
+separately, which is what M separate trainings with that option would do (one global norm would
+couple them). A fusion whose heads share parameters is refused at config time (`check_config`). `predict`
 averages the M predictions (logits by default; `combine: probs` averages softmax probabilities).
 The trainer's per-modality metrics of a UME run are then the unimodal models' own accuracies.
 """
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from g2d.methods.base import Method, task_loss
 from g2d.models.fusion import LateFusion, SumFusion
@@ -81,14 +84,26 @@ class UME(Method):
         if params.combine == "probs" and spec.task != "classification":
             raise ValueError("methods.ume.combine=probs needs a classification dataset; use logits")
 
+    @classmethod
+    def check_config(cls, tc, mcfg):
+        fusion = getattr(cls, "fusion", None) or mcfg.fusion
+        if fusion not in ("late", "sum"):
+            raise ValueError(f"ume needs independent per-modality heads: model.fusion must be late or sum, "
+                             f"got {fusion!r} (set model.fusion=late for ume)")
+
     def setup(self, model, ctx):
         independent = isinstance(model.fusion, (LateFusion, SumFusion))
         if not independent:
             raise ValueError(f"ume needs independent per-modality heads: model.fusion must be late or sum, "
                              f"got {type(model.fusion).__name__} (set model.fusion=late for ume)")
-        if ctx.grad_clip > 0:
-            raise ValueError("ume: trainer.grad_clip > 0 clips the joint gradient norm and couples the "
-                             "unimodal models; set trainer.grad_clip=0 for ume")
+
+    def clip_gradients(self, model, ctx):
+        """Per unimodal model: ||grad(encoder_m, head_m)|| <= trainer.grad_clip, each on its own."""
+        if ctx.grad_clip <= 0:
+            return
+        heads = model.head_parameters()
+        for m, enc in model.modality_parameters().items():
+            nn.utils.clip_grad_norm_([*enc, *heads[m]], ctx.grad_clip)
 
     def loss(self, batch, out, ctx):
         # independent unimodal CE per modality, no fused loss (UME, spec §7.1)

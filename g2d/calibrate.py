@@ -1,10 +1,10 @@
-"""Calibrate the embedded stand-ins, method-agnostically (DESIGN.md §5).
+"""Calibrate the embedded stand-ins, method-agnostically (method and results: reports/calibration.md).
 
 For each dataset: generate the stand-in, train every unimodal teacher and Joint-Train for each
 seed through the normal Trainer, and compare test figures (best-validation epoch) with the
 published teacher / Joint-Train numbers. No imbalance method is ever run or looked at.
 
-    python -m g2d.calibrate [--datasets cremad ...] [--seeds 0 1 2] [--out reports/calibration.md]
+    g2d calibrate [--datasets cremad ...] [--seeds 0 1 2] [--out reports/calibration.md]
                             [--work data/calibration] [key=value overrides ...]
 
 It runs with params.yaml as committed (the embedded `trainer:`/`model:` settings and per-dataset
@@ -297,16 +297,24 @@ def write_outputs(results: list[dict], out_md: Path, out_csv: Path) -> pd.DataFr
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="g2d calibrate", description=__doc__.splitlines()[0])
-    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--out", type=Path, default=Path("reports/calibration.md"))
-    ap.add_argument("--csv", type=Path, default=Path("reports/tables/calibration.csv"))
-    ap.add_argument("--work", type=Path, default=Path("data/calibration"), help="prepared data + runs go here")
-    ap.add_argument("--params", default="params.yaml")
+    ap = argparse.ArgumentParser(prog="g2d calibrate", description="\n".join(__doc__.splitlines()[:6]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="slow: it trains every teacher and Joint-Train of each dataset and seed "
+                                        "(the tests run it under `-m slow`).")
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS, metavar="DATASET",
+                    help=f"datasets to calibrate (default: all of {', '.join(DATASETS)})")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    ap.add_argument("--out", type=Path, default=Path("reports/calibration.md"),
+                    help="Markdown report (default: reports/calibration.md)")
+    ap.add_argument("--csv", type=Path, default=Path("reports/tables/calibration.csv"),
+                    help="measured figures (default: reports/tables/calibration.csv)")
+    ap.add_argument("--work", type=Path, default=Path("data/calibration"),
+                    help="prepared data + runs go here (default: data/calibration)")
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     ap.add_argument("--render-only", action="store_true", help="re-render --out from the existing --csv")
-    ap.add_argument("overrides", nargs="*", help="Hydra overrides of params.yaml, e.g. trainer.num_threads=1")
-    args = ap.parse_args(argv)
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="Hydra overrides of params.yaml, e.g. trainer.num_threads=1 (before or after the flags)")
+    args = ap.parse_intermixed_args(argv)
     if args.render_only:
         args.out.write_text(render_markdown(pd.read_csv(args.csv)))
         print(f"[calibrate] wrote {args.out}")

@@ -16,12 +16,16 @@ from g2d import registry
 from g2d.data.prepared import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["g2d/train", "g2d/models", "g2d/methods/base.py", "g2d/data/prepared.py", "g2d/config.py"]
+# g2d/data/*.py: the prepared reader, the input pipeline and augmentation, and each dataset's declared recipe
+CORE = ["g2d/train", "g2d/models", "g2d/methods/base.py", "g2d/data/*.py", "g2d/config.py"]
 
 
 def _core_files() -> list[Path]:
     out = []
     for rel in CORE:
+        if "*" in rel:
+            out += sorted(ROOT.glob(rel))
+            continue
         p = ROOT / rel
         out += sorted(p.rglob("*.py")) if p.is_dir() else [p]
     return out

@@ -2,7 +2,10 @@
 
 params.yaml is the one committed source of truth. Command-line overrides use Hydra's grammar
 (`trainer.epochs=5`, `method=g2d`) through the compose API, so Hydra never writes output folders.
-Every error names the offending key and the file to fix.
+Every error names the offending key and the file to fix. Before anything runs, `load_config` checks the YAML
+itself (syntax, tabs, duplicate keys), every typed field against its rule in `g2d.config_checks.CHECKS` (ranges, enums, non-empty
+paths), each dataset's `real:` block against its raw module's Options, and constructs each method that will be
+trained (its own `__init__` checks, e.g. g2d's temperature > 0): a bad value is one ConfigError line.
 """
 from __future__ import annotations
 
@@ -66,6 +69,9 @@ class TrainerConfig:
     num_threads: int = 0  # torch CPU threads; 0 = torch default
     progress: str = "auto"  # auto (only on a TTY) | on | off
     checkpoint_every: int = 1  # epochs between resumable checkpoints
+    # which epoch's weights a run keeps as `selected.pt` (teachers are distilled from it): best_val (the
+    # default protocol) | best_test (the official code's rule, selection on the test set) | last
+    select: str = "best_val"
 
 
 @dataclass
@@ -102,14 +108,20 @@ class Schema:
     profiles: dict[str, Any] = field(default_factory=dict)
     extra_modules: list[str] = field(default_factory=list)
     reports: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # a profile's dotted key -> its source (profiles.paper; reports/recipes.md)
 
 
 def _compose(params: Path, overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
+    if params.is_dir():
+        raise ConfigError(f"{params}: is a folder; pass the params file (--params {params / 'params.yaml'})")
     if not params.is_file():
         raise ConfigError(f"{params}: not found; run from the project root or pass --params PATH")
+    from g2d.config_checks import check_yaml
+
+    check_yaml(params)
     try:
         with initialize_config_dir(config_dir=str(params.parent.resolve()), version_base=None):
             cfg = compose(config_name=params.stem, overrides=list(overrides))
@@ -131,6 +143,8 @@ def _validate(cfg: DictConfig, schema: type, where: str) -> Any:
 
 def load_config(overrides: list[str] | tuple[str, ...] = (), params: str | Path = "params.yaml") -> Schema:
     """Compose params.yaml + overrides, apply the profile overlay, validate every block."""
+    from g2d import config_checks as checks
+
     params = Path(params)
     raw = _compose(params, list(overrides))
     profiles = raw.get("profiles") or {}
@@ -147,6 +161,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), params: str | Path 
     # method / dataset names must resolve; their blocks must match their own schemas
     registry.get_dataset(out.dataset)
     registry.get_method(out.method)
+    checks.check_values(out, params, list(overrides), overlay, prof)
     _check_suite(out, params)
     for name, block in out.methods.items():
         try:
@@ -157,6 +172,19 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), params: str | Path 
     for name, block in out.datasets.items():
         cls = registry.get_dataset(name)
         _validate(OmegaConf.create(block or {}), cls.Config, f"{params}: datasets.{name}")
+        for mname in (block or {}).get("methods") or {}:
+            if mname not in out.methods:
+                raise ConfigError(f"{params}: datasets.{name}.methods.{mname}: no `methods.{mname}` block "
+                                  f"(known: {', '.join(out.methods)})")
+            method_params(out, mname, name)
+        from g2d.data.transforms import check_augment
+
+        try:
+            check_augment(cls.spec, (block or {}).get("augment") or {})
+        except ValueError as e:
+            raise ConfigError(f"{params}: datasets.{name}.augment: {e}") from None
+    checks.check_real_blocks(out, params)
+    checks.check_methods(out, params)
     return out
 
 
@@ -195,13 +223,31 @@ def _check_suite(out: Schema, params: Path) -> None:
                 seen[(name, ds)] = g
 
 
-def method_params(cfg: Schema, name: str | None = None) -> Any:
+def method_params(cfg: Schema, name: str | None = None, dataset: str | None = None) -> Any:
+    """`methods.<name>` with the dataset's `datasets.<dataset>.methods.<name>` overrides merged in
+    (a view without its own block uses its parent's)."""
     from g2d import registry
 
     name = name or cfg.method
     cls = registry.get_method(name)
-    block = cfg.methods.get(name) or {}
-    return _validate(OmegaConf.create(block), cls.Params, f"methods.{name}")
+    block = OmegaConf.create(cfg.methods.get(name) or {})
+    where = f"methods.{name}"
+    if dataset is not None:
+        over = (_dataset_block(cfg, dataset).get("methods") or {}).get(name)
+        if over:
+            block = OmegaConf.merge(block, over)
+            where = f"methods.{name} + datasets.{dataset}.methods.{name}"
+    return _validate(block, cls.Params, where)
+
+
+def _dataset_block(cfg: Schema, dataset: str) -> dict:
+    from g2d import registry
+
+    block = cfg.datasets.get(dataset)
+    if block is None:
+        parent = registry.get_dataset(dataset).view_of
+        block = cfg.datasets.get(parent) if parent else None
+    return block or {}
 
 
 def dataset_config(cfg: Schema, name: str | None = None) -> Any:
@@ -216,7 +262,9 @@ def trainer_config(cfg: Schema, dataset: str | None = None) -> TrainerConfig:
     """Global trainer block with the dataset's `trainer:` overrides merged in."""
     dcfg = dataset_config(cfg, dataset)
     over = getattr(dcfg, "trainer", None) or {}
-    return _validate(OmegaConf.merge(OmegaConf.structured(cfg.trainer), over), TrainerConfig, "trainer")
+    where = f"datasets.{dataset or cfg.dataset}.trainer" if over else "trainer"
+    # merge as plain dicts: an unknown key is then reported by _validate, naming the block
+    return _validate(OmegaConf.merge(OmegaConf.create(to_dict(cfg.trainer)), over), TrainerConfig, where)
 
 
 def to_dict(obj: Any) -> Any:

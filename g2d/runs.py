@@ -2,17 +2,25 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+import pickle
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from g2d import config as C
-from g2d.data.prepared import atomic_write_text
+from g2d.data.prepared import atomic_write_text, pid_alive
 
 
 def run_name(method: str, dataset: str, modality: str | None = None) -> str:
@@ -36,6 +44,140 @@ def prepared_dir(cfg: C.Schema, dataset: str) -> Path:
     return Path(cfg.paths.prepared) / base_dataset(dataset)
 
 
+# ---- one lock per run folder ----------------------------------------------------------------------------
+LOCK_NAME = ".lock"  # <run_dir>/.lock: {"pid", "host", "start"} of the process training that run
+
+
+def _proc_start(pid: int) -> str | None:
+    """Start time of a process (clock ticks since boot), to tell a live holder from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _me() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid())}
+
+
+def _stale(holder: dict) -> str | None:
+    """Why a lock's holder cannot be running this run any more, or None when it may be."""
+    if not isinstance(holder.get("pid"), int) or not isinstance(holder.get("host"), str):
+        return "unreadable lock file (its writer died mid-write?)"
+    if holder.get("host") != socket.gethostname():
+        return f"held by pid {holder.get('pid')} on another host ({holder.get('host')})"
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or not pid_alive(pid):
+        return f"held by pid {pid}, which is not running"
+    if pid == os.getpid():
+        return "left by this process"
+    start = _proc_start(pid)
+    if holder.get("start") is not None and start is not None and start != holder["start"]:
+        return f"held by pid {pid}, which is now another process"
+    return None
+
+
+@contextmanager
+def _guard(folder: Path):
+    """Serialise lock inspection/takeover between processes: flock on the run folder itself (released by
+    the kernel when the holder dies, so it is never stale; it is held only for a few file operations)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_lock(path: Path) -> dict | None:
+    try:
+        holder = json.loads(path.read_text())
+        return holder if isinstance(holder, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable: treated as stale
+
+
+def acquire_run_lock(run_dir: Path, wait: bool = True, poll: float = 0.5, timeout: float | None = None) -> Path:
+    """Take `<run_dir>/.lock`. A lock of a live process on this host makes this wait (one stderr line), or
+    raise RunLockedError when `wait` is False or after `timeout` seconds; a stale one (pid dead or reused,
+    or another host's) is taken over, saying so (one stderr line)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path, t0, told = run_dir / LOCK_NAME, time.monotonic(), False
+    while True:
+        with _guard(run_dir):
+            holder = _read_lock(path)
+            why = None if holder is None else _stale(holder)
+            if holder is None or why is not None:
+                if holder is not None and why != "left by this process":
+                    print(f"[g2d] {run_dir}: taking over a stale lock ({why})", file=sys.stderr)
+                atomic_write_text(path, json.dumps(_me()) + "\n")
+                return path
+        msg = (f"{run_dir} is being trained by pid {holder.get('pid')} on {holder.get('host')} "
+               f"(lock {path})")
+        if not wait or (timeout is not None and time.monotonic() - t0 >= timeout):
+            raise RunLockedError(msg + ("" if not wait else f"; gave up after {timeout:g}s"))
+        if not told:
+            print(f"[g2d] {msg}: waiting for it to finish, then reusing its result", file=sys.stderr)
+            told = True
+        time.sleep(poll)
+
+
+def release_run_lock(run_dir: Path) -> None:
+    path = Path(run_dir) / LOCK_NAME
+    if not Path(run_dir).is_dir():
+        return
+    with _guard(Path(run_dir)):
+        holder = _read_lock(path)
+        if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            path.unlink(missing_ok=True)
+
+
+class RunLockedError(RuntimeError):
+    pass
+
+
+@contextmanager
+def run_lock(run_dir: Path, wait: bool = True, timeout: float | None = None):
+    """Hold the run folder's lock for the block (the trainer then removes dead writers' temporaries)."""
+    acquire_run_lock(run_dir, wait=wait, timeout=timeout)
+    try:
+        yield
+    finally:
+        release_run_lock(run_dir)
+
+
+FINAL = ("history.csv", "model.pt", "selected.pt", "metrics.json")  # a finished run; metrics.json last
+
+
+def scratch_root(cfg: C.Schema) -> Path:
+    """The trainers' working area: `<paths.runs>/../cache/<name of paths.runs>` (data/cache/runs; git-ignored, no stage's
+    output, so DVC never deletes it). Checkpoints, locks and finished runs live here; a stage's DVC output
+    receives each run's final files (FINAL and their .sha256 records) when the run finishes."""
+    runs = Path(cfg.paths.runs)
+    return runs.parent / "cache" / runs.name
+
+
+def scratch_for(cfg: C.Schema, runs_dir: Path) -> Path:
+    """The scratch folder mirroring an output runs folder (data/runs/main/joint -> data/cache/runs/main/joint)."""
+    root, runs_dir = Path(cfg.paths.runs), Path(runs_dir)
+    try:
+        rel = runs_dir.resolve().relative_to(root.resolve())
+    except ValueError:  # a runs folder outside paths.runs: its own scratch next to it
+        return runs_dir.parent / f".{runs_dir.name}.work"
+    return scratch_root(cfg) / rel
+
+
+def use_scratch() -> bool:
+    """Train in the scratch area when the output folder belongs to a DVC stage (DVC deletes a stage's
+    non-persistent outputs before running it, and sets DVC_STAGE), or when G2D_SCRATCH=1; a plain
+    `g2d train` trains in the runs folder itself, as before."""
+    flag = os.environ.get("G2D_SCRATCH", "").strip()
+    return flag not in ("0",) and (flag != "" or bool(os.environ.get("DVC_STAGE")))
+
+
 @dataclass(frozen=True)
 class Job:
     method: str
@@ -43,24 +185,94 @@ class Job:
     seed: int
     modality: str | None
     runs_dir: Path
+    force: bool = False  # retrain even when the run folder holds a finished run of the same fingerprint
+    scratch_dir: Path | None = None  # where the trainer works (None: in run_dir itself)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / run_name(self.method, self.dataset, self.modality) / f"s{self.seed}"
+
+    @property
+    def work_dir(self) -> Path:
+        if self.scratch_dir is None:
+            return self.run_dir
+        return Path(self.scratch_dir) / run_name(self.method, self.dataset, self.modality) / f"s{self.seed}"
+
+
+def _final_files(folder: Path) -> list[str]:
+    from g2d.train.checkpoint import SUFFIX
+
+    return [n for name in FINAL for n in ((name + SUFFIX, name) if name.endswith(".pt") else (name,))]
+
+
+def _copy_run(src: Path, dst: Path) -> None:
+    """Copy a finished run's files (metrics.json last, each atomically, mtimes kept; identical ones skipped)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in _final_files(src):
+        a, b = src / name, dst / name
+        if not a.is_file():
+            continue
+        sa = a.stat()
+        try:
+            sb = b.stat()
+            if sb.st_size == sa.st_size and sb.st_mtime_ns == sa.st_mtime_ns:
+                continue
+        except FileNotFoundError:
+            pass
+        tmp = dst / f".{name}.{os.getpid()}.tmp"
+        shutil.copy2(a, tmp)
+        os.replace(tmp, b)
+
+
+def _publish(work: Path, out: Path) -> None:
+    """The run's final files into the DVC output folder (a resumable checkpoint never goes there)."""
+    if work.resolve() == out.resolve():
+        return
+    for name in ("ckpt.pt", "ckpt.pt.sha256"):  # left by the layout that trained in the output folder
+        (out / name).unlink(missing_ok=True)
+    _copy_run(work, out)
+
+
+def _seed_scratch(work: Path, out: Path) -> None:
+    """A finished run present only in the output (checked out / restored by DVC, or trained by an older g2d)
+    is copied into an idle scratch folder, so the trainer finds and verifies it instead of retraining."""
+    if work.resolve() == out.resolve() or not (out / "metrics.json").is_file():
+        return
+    if (work / "metrics.json").exists() or (work / "ckpt.pt").exists():
+        return
+    _copy_run(out, work)
 
 
 def _run_job(cfg: C.Schema, job: Job) -> dict:
     from g2d.train.trainer import RunSpec, Trainer
 
     name = run_name(job.method, job.dataset, job.modality)
-    run_dir = Path(job.runs_dir) / name / f"s{job.seed}"
+    run_dir, work = job.run_dir, job.work_dir
     if job.modality:  # a teacher: its modality is the unimodal method's parameter
         block = {**(cfg.methods.get("unimodal") or {}), "modality": job.modality}
         cfg = dataclasses.replace(cfg, methods={**cfg.methods, "unimodal": block})
-    res = Trainer(cfg, RunSpec(job.method, job.dataset, job.seed, run_dir, prepared_dir(cfg, job.dataset),
-                               Path(cfg.paths.runs))).fit()
+    work.mkdir(parents=True, exist_ok=True)
+    with run_lock(work):  # re-entered by Trainer.fit (same process): seeding and publishing are covered too
+        _seed_scratch(work, run_dir)
+        before = _mtime(work / "metrics.json")
+        res = Trainer(cfg, RunSpec(job.method, job.dataset, job.seed, work, prepared_dir(cfg, job.dataset),
+                                   Path(cfg.paths.runs), force=job.force)).fit()
+        kept = before is not None and before == _mtime(work / "metrics.json")
+        _publish(work, run_dir)
     res["run"] = summary_name(name)
     res["run_dir"] = run_dir.as_posix()
-    sel, key = res["selection"]["best_val"], res["primary_metric"]
-    print(f"[g2d] {name} seed {job.seed}: test {key} {sel['test'][key]:.2f} (best-val epoch {sel['epoch']}), "
-          f"{res['train_time_s']:.1f}s", flush=True)
+    res[KEPT] = kept
     return res
+
+
+KEPT = "_kept"  # set on a result reused from an earlier finished run (dropped before it is written anywhere)
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _init_worker(threads: int) -> None:
@@ -79,17 +291,171 @@ def n_workers(cfg: C.Schema, n_jobs: int) -> int:
     return max(1, min(want, n_jobs))
 
 
-def run_jobs(cfg: C.Schema, jobs: list[Job]) -> list[dict]:
-    """Train every job; on CPU the runs go to a fork pool (torch is imported once, runs are independent
-    and seeded, so results equal a sequential run's). Results come back in job order."""
-    workers = n_workers(cfg, len(jobs))
-    if workers <= 1:
-        return [_run_job(cfg, j) for j in jobs]
+# ---- interrupts -------------------------------------------------------------------------------------------
+class Interrupted(Exception):
+    """SIGINT / SIGTERM: workers were stopped; finished runs are kept (and skipped on rerun)."""
+
+    def __init__(self, signum: int, finished: int, left: int):
+        super().__init__(f"interrupted; {finished} runs finished, {left} will resume")
+        self.signum, self.finished, self.left = signum, finished, left
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _Stop(BaseException):  # raised by the signal handler in a sequential run (not caught by `except Exception`)
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+@contextmanager
+def _stop_signals(raise_now: bool):
+    """SIGINT/SIGTERM set `flag["signum"]` (and raise _Stop when `raise_now`) while the block runs."""
+    flag: dict = {"signum": None}
+
+    def handler(signum, frame):
+        if flag["signum"] is None:
+            flag["signum"] = signum
+            if raise_now:
+                raise _Stop(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _child(cfg: C.Schema, job: Job, conn, threads: int) -> None:
+    """A pool worker: one run, result (or error) sent to the parent; draws no progress bar."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (and kills workers) on Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(threads)
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, progress="off"))
+    try:
+        msg = ("ok", _run_job(cfg, job))
+    except BaseException as e:  # noqa: BLE001 - re-raised in the parent
+        try:
+            pickle.dumps(e)
+            msg = ("err", e)
+        except Exception:  # noqa: BLE001
+            msg = ("err", RuntimeError(f"{type(e).__name__}: {e}"))
+    try:
+        conn.send(msg)
+    finally:
+        conn.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _drop_locks(jobs: list[Job], pids: set[int]) -> None:
+    """Remove the run locks of workers the parent killed (their checkpoints stay for the rerun)."""
+    for j in jobs:
+        path = j.work_dir / LOCK_NAME
+        holder = _read_lock(path)
+        if holder and holder.get("pid") in pids:
+            path.unlink(missing_ok=True)
+
+
+def _pool(cfg: C.Schema, todo: list[Job], workers: int, progress, flag: dict) -> list[dict]:
+    from multiprocessing.connection import wait
+
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-        futures = [pool.submit(_run_job, cfg, j) for j in jobs]
-        return [f.result() for f in futures]
+    queue, running, done, error, late = list(range(len(todo))), {}, {}, None, set()
+    try:
+        while queue or running:
+            while queue and len(running) < workers and error is None and flag["signum"] is None:
+                i = queue.pop(0)
+                r, w = ctx.Pipe(duplex=False)
+                p = ctx.Process(target=_child, args=(cfg, todo[i], w, threads), daemon=True)
+                p.start()
+                w.close()
+                running[r] = (i, p)
+            if flag["signum"] is not None or not running:
+                break
+            for r in wait(list(running), timeout=0.1):
+                i, p = running.pop(r)
+                try:
+                    kind, payload = r.recv()
+                except (EOFError, OSError):
+                    p.join()
+                    kind, payload = "err", RuntimeError(
+                        f"the worker training {todo[i].run_dir} died (exit code {p.exitcode})")
+                r.close()
+                p.join()
+                if kind == "ok":
+                    done[i] = payload
+                    progress.run_done(run_name(todo[i].method, todo[i].dataset, todo[i].modality), todo[i].seed,
+                                      payload, payload.get(KEPT, False))
+                elif error is None:
+                    error = payload  # running workers finish (their runs are kept); no new ones start
+    finally:
+        if running:
+            pids = set()
+            for r, (i, p) in running.items():
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGKILL)
+                pids.add(p.pid)
+            for r, (i, p) in running.items():
+                p.join()
+                r.close()
+                if (todo[i].run_dir / "metrics.json").is_file():  # published just before the kill
+                    late.add(i)
+            _drop_locks([todo[i] for i, _ in running.values()], pids)
+    if flag["signum"] is not None:
+        finished = len(done) + len(late)
+        raise Interrupted(flag["signum"], finished, len(todo) - finished)
+    if error is not None:
+        raise error
+    return [done[i] for i in range(len(todo))]
+
+
+def run_jobs(cfg: C.Schema, jobs: list[Job], progress=None) -> list[dict]:
+    """Train every job; on CPU each run goes to a forked worker (torch is imported once, runs are independent
+    and seeded, so results equal a sequential run's). Results come back in job order; jobs naming the
+    same run folder are trained once (each run folder is also locked while it trains, see run_lock).
+    SIGINT/SIGTERM stop every worker at once and raise Interrupted (finished runs are kept)."""
+    from g2d.progress import Progress
+
+    unique: dict[Path, Job] = {}
+    for j in jobs:
+        unique.setdefault(j.run_dir, j)
+    todo = list(unique.values())
+    workers = n_workers(cfg, len(todo))
+    progress = progress or Progress(len(todo), live=False)
+    with _stop_signals(raise_now=workers <= 1) as flag:
+        if workers <= 1:
+            done = []
+            try:
+                for j in todo:
+                    if flag["signum"] is not None:
+                        raise _Stop(flag["signum"])
+                    res = _run_job(cfg, j)
+                    done.append(res)
+                    progress.run_done(run_name(j.method, j.dataset, j.modality), j.seed, res,
+                                      res.get(KEPT, False))
+            except _Stop as e:
+                progress.close()
+                raise Interrupted(e.signum, len(done), len(todo) - len(done)) from None
+            except KeyboardInterrupt:
+                progress.close()
+                raise Interrupted(signal.SIGINT, len(done), len(todo) - len(done)) from None
+        else:
+            try:
+                done = _pool(cfg, todo, workers, progress, flag)
+            finally:
+                progress.close()
+    for r in done:
+        r.pop(KEPT, None)
+    by_dir = {j.run_dir: r for j, r in zip(todo, done)}
+    return [by_dir[j.run_dir] if unique[j.run_dir] is j else json.loads(json.dumps(by_dir[j.run_dir]))
+            for j in jobs]
 
 
 def write_summary(summary_dir: Path, results: list[dict], method: str, dataset: str,
@@ -103,17 +469,20 @@ def write_summary(summary_dir: Path, results: list[dict], method: str, dataset: 
         {"run": name, "method": method, "dataset": dataset, "modality": modality, "seeds": seeds},
         indent=2, sort_keys=True) + "\n")
     hist = pd.concat([pd.read_csv(Path(r["run_dir"]) / "history.csv") for r in results], ignore_index=True)
-    tmp = summary_dir / f".{name}.csv.tmp"
-    hist.to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(summary_dir / f"{name}.csv")
+    summary_dir.joinpath(f".{name}.csv.tmp").unlink(missing_ok=True)  # fixed name of older versions
+    atomic_write_text(summary_dir / f"{name}.csv", hist.to_csv(index=False, float_format="%.6g"))
 
 
 def train_many(cfg: C.Schema, pairs: list[tuple[str, str, str | None]], seeds: list[int],
-               summary_dir: Path | None = None, runs_dir: Path | None = None) -> list[dict]:
-    """Train each (method, dataset, modality) pair for every seed, all in one worker pool."""
+               summary_dir: Path | None = None, runs_dir: Path | None = None, force: bool = False,
+               progress=None) -> list[dict]:
+    """Train each (method, dataset, modality) pair for every seed, all in one worker pool. Runs train in the
+    scratch area (scratch_for) and their final files are copied to `runs_dir`; a finished run of the same
+    fingerprint (in the scratch area or the output) is reused, unless `force`."""
     runs = Path(runs_dir or cfg.paths.runs)
-    jobs = [Job(m, d, s, mod, runs) for (m, d, mod) in pairs for s in seeds]
-    results = run_jobs(cfg, jobs)
+    scratch = scratch_for(cfg, runs) if use_scratch() else None
+    jobs = [Job(m, d, s, mod, runs, force, scratch) for (m, d, mod) in pairs for s in seeds]
+    results = run_jobs(cfg, jobs, progress)
     if summary_dir is not None:
         for i, (m, d, mod) in enumerate(pairs):
             write_summary(summary_dir, results[i * len(seeds):(i + 1) * len(seeds)], m, d, mod)
@@ -121,6 +490,7 @@ def train_many(cfg: C.Schema, pairs: list[tuple[str, str, str | None]], seeds: l
 
 
 def train_group(cfg: C.Schema, method: str, dataset: str, seeds: list[int], modality: str | None = None,
-                summary_dir: Path | None = None, runs_dir: Path | None = None) -> list[dict]:
+                summary_dir: Path | None = None, runs_dir: Path | None = None, force: bool = False,
+                progress=None) -> list[dict]:
     """Train `method` on `dataset` for each seed; write the committed summary files of this run group."""
-    return train_many(cfg, [(method, dataset, modality)], seeds, summary_dir, runs_dir)
+    return train_many(cfg, [(method, dataset, modality)], seeds, summary_dir, runs_dir, force, progress)

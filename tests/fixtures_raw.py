@@ -28,14 +28,21 @@ def raw_write_wav(path: Path, signal: np.ndarray, sr: int) -> Path:
     return path
 
 
-def raw_frame_image(index: int, h: int, w: int) -> np.ndarray:
-    """A frame whose flat grey level encodes its index (survives lossy coding to within a few levels)."""
-    return np.full((h, w, 3), (index * 8) % 256, np.uint8)
+def raw_frame_image(index: int, h: int, w: int, pattern: bool = False) -> np.ndarray:
+    """A frame whose flat grey level encodes its index (survives lossy coding to within a few levels);
+    `pattern` adds ramps (red across, green down) so that resampling filters and crops are told apart."""
+    img = np.full((h, w, 3), (index * 8) % 256, np.uint8)
+    if pattern:
+        img[..., 0] = (index * 8 + np.arange(w)[None, :] * 255 // max(w - 1, 1)) % 256
+        img[..., 1] = (index * 8 + np.arange(h)[:, None] * 255 // max(h - 1, 1)) % 256
+    return img
 
 
 def raw_write_video(path: Path, n_frames: int, fps: int = 30, size: tuple[int, int] = (48, 64),
-                    audio: np.ndarray | None = None, audio_sr: int = 44100, fmt: str | None = None) -> Path:
-    """FLV (CREMA-D, codec flv1) or MP4 (VGGSound, mpeg4 + aac) via PyAV; frame i has grey level 8*i."""
+                    audio: np.ndarray | None = None, audio_sr: int = 44100, fmt: str | None = None,
+                    pattern: bool = False) -> Path:
+    """FLV (CREMA-D, codec flv1) or MP4 (VGGSound, mpeg4 + aac) via PyAV; frame i has grey level 8*i
+    (`size` = (height, width); `pattern`: see raw_frame_image)."""
     import av
 
     path = Path(path)
@@ -51,7 +58,7 @@ def raw_write_video(path: Path, n_frames: int, fps: int = 30, size: tuple[int, i
             as_ = c.add_stream("aac" if fmt == "mp4" else "mp3", rate=audio_sr)
             as_.layout = "mono"
         for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(raw_frame_image(i, h, w), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(raw_frame_image(i, h, w, pattern), format="rgb24")
             for p in vs.encode(frame):
                 c.mux(p)
         for p in vs.encode():
@@ -130,22 +137,70 @@ RAW_CREMAD_FREQ = {"NEU": 430.7, "HAP": 861.3, "SAD": 1722.7, "FEA": 2584.0, "DI
 
 
 def raw_cremad_tree(root: Path, split_dir: Path, train: list[tuple[str, str]], test: list[tuple[str, str]],
-                    n_frames: int = 45, seconds: float = 1.0, sr: int = 16000) -> Path:
-    """CREMA-D layout: AudioWAV/<clip>.wav (16 kHz PCM16 sine per label), VideoFlash/<clip>.flv (30 fps);
-    split files in the official format (no header, `clip,LABEL`, CRLF)."""
+                    n_frames: int = 45, seconds: float = 1.0, sr: int = 16000, size: tuple[int, int] = (48, 64),
+                    pattern: bool = False, extra: list[tuple[str, str]] = ()) -> Path:
+    """CREMA-D layout: AudioWAV/<clip>.wav (16 kHz PCM16 sine per label), VideoFlash/<clip>.flv (30 fps, frames
+    `size` = (H, W)); split files in the official format (no header, `clip,LABEL`, CRLF). Clips of one label
+    share their bytes (encoded once). `extra` clips get media but are in no split file."""
     root, split_dir = Path(root), Path(split_dir)
     split_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train), ("test", test)):
-        (split_dir / f"cremad_{name}.csv").write_bytes("".join(f"{c},{lab}\r\n" for c, lab in rows).encode())
+    media: dict[str, tuple[bytes, bytes]] = {}
+    for name, rows in (("train", train), ("test", test), ("", list(extra))):
+        if name:
+            (split_dir / f"cremad_{name}.csv").write_bytes("".join(f"{c},{lab}\r\n" for c, lab in rows).encode())
         for clip, lab in rows:
-            raw_write_wav(root / "AudioWAV" / f"{clip}.wav", raw_sine(RAW_CREMAD_FREQ[lab], sr, seconds), sr)
-            raw_write_video(root / "VideoFlash" / f"{clip}.flv", n_frames, fps=30)
+            wav, flv = root / "AudioWAV" / f"{clip}.wav", root / "VideoFlash" / f"{clip}.flv"
+            if lab not in media:
+                raw_write_wav(wav, raw_sine(RAW_CREMAD_FREQ[lab], sr, seconds), sr)
+                raw_write_video(flv, n_frames, fps=30, size=size, pattern=pattern)
+                media[lab] = (wav.read_bytes(), flv.read_bytes())
+            else:
+                wav.parent.mkdir(parents=True, exist_ok=True)
+                flv.parent.mkdir(parents=True, exist_ok=True)
+                wav.write_bytes(media[lab][0])
+                flv.write_bytes(media[lab][1])
     return root
 
 
 def raw_cremad_rows(n_per_class: int, offset: int = 0) -> list[tuple[str, str]]:
     labs = list(RAW_CREMAD_FREQ)
     return [(f"{1001 + offset + i}_IEO_{lab}_XX", lab) for i in range(n_per_class) for lab in labs]
+
+
+RAW_CREMAD_SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
+
+
+def raw_cremad_names(actors, n_per_actor: int) -> list[tuple[str, str]]:
+    """Realistic clip names `<actor>_<sentence>_<EMO>_<level>` (actors 1001..1091, the 12 sentences; IEO
+    clips carry an intensity LO/MD/HI, others XX), n_per_actor per actor, emotions cycling."""
+    labs, out = list(RAW_CREMAD_FREQ), []
+    for a in actors:
+        for j in range(n_per_actor):
+            lab, sent = labs[j % 6], RAW_CREMAD_SENTENCES[(j // 6) % 12]
+            level = ("LO", "MD", "HI")[(j // 72) % 3] if sent == "IEO" else "XX"
+            out.append((f"{a}_{sent}_{lab}_{level}", lab))
+    return out
+
+
+def raw_synib_folds(path: Path, folds: dict[str, dict[str, list[str]]]) -> Path:
+    """SynIB's data_splits_val.pkl format (JSON): {"1".."5": {split: ["<clip>.wav-<k>", ...]}}."""
+    import json
+
+    body = {f: {s: [f"{c}.wav-{i % 5}" for i, c in enumerate(clips)] for s, clips in v.items()}
+            for f, v in folds.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(body))
+    return Path(path)
+
+
+RAW_MLA_LABELS = {"ANG": "Anger", "DIS": "Disgust", "FEA": "Fear", "HAP": "Happy", "NEU": "Neutral", "SAD": "Sad"}
+
+
+def raw_mla_list(path: Path, rows: list[tuple[str, str]]) -> Path:
+    """MLA's data/my_{train,test}_cre.txt format: `<clip>.flv <Label>` per line, LF."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(f"{c}.flv {RAW_MLA_LABELS[lab]}\n" for c, lab in rows))
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------------------- AV-MNIST

@@ -55,6 +55,10 @@ class DatasetConfig:
     split_seed: int = 0
     trainer: dict[str, Any] = field(default_factory=dict)  # per-dataset trainer overrides
     real: dict[str, Any] = field(default_factory=dict)  # options for g2d.data.raw.<name> (fetch/prepare)
+    # train-time augmentation per modality, over the dataset's declared recipe (`Dataset.augment`), e.g.
+    # {visual: none} or {visual: {recipe: rrc_flip, scale: [0.08, 1.0]}}; see g2d/data/transforms.py
+    augment: dict[str, Any] = field(default_factory=dict)
+    methods: dict[str, Any] = field(default_factory=dict)  # per-dataset method overrides: {g2d: {smp_phase_epochs: [150]}}
 
 
 def config_with_standin(name: str, defaults: Callable[[], Any], module: str) -> type:
@@ -78,6 +82,9 @@ class Dataset:
     spec: ClassVar[DatasetSpec]
     Config: ClassVar[type] = DatasetConfig
     view_of: ClassVar[str | None] = None
+    # the official train-time augmentation per modality (g2d.data.transforms.Augment fields); params.yaml
+    # `datasets.<name>.augment` overrides it per profile; modalities not named have none
+    augment: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, config: Any | None = None):
         self.config = config if config is not None else self.Config()

@@ -1,7 +1,11 @@
 """CREMA-D: audio-visual emotion recognition, 6 classes (Cao et al., IEEE TAC 2014).
 
 Real data: 7,442 clips (OGM-GE split 6,698 train / 744 test). Audio: log-STFT (1, 257, 188);
-visual: one frame (3, 1, 224, 224). The stand-in keeps the modalities, classes and task and is
+visual: one frame (3, 1, 224, 224) as the model sees it, made on the fly (g2d.data.transforms) from the
+frame stored at its native 360x480 (g2d.data.raw.cremad). Split variants (`datasets.cremad.real.split`):
+ogm_ge (default), ogm_ge_704 (BalanceBenchmark/ReconBoost's 704 evaluated test clips), speaker_folds
+(SynIB's 5 speaker-independent folds, `fold: 1..5`), mla (MLA's own split); results of different variants
+are not comparable. The stand-in keeps the modalities, classes and task and is
 calibrated (method-agnostically) to the paper's Figure-1 imbalance: audio teacher 61.7%, visual
 teacher 76.5%, joint training collapses the visual head.
 """
@@ -35,6 +39,9 @@ CremadConfig = config_with_standin("CremadConfig", _standin, __name__)
 @register_dataset("cremad")
 class Cremad(Dataset):
     Config = CremadConfig
+    # official train transform: RandomResizedCrop(224) + RandomHorizontalFlip() (OGM-GE dataset/CramedDataset.py
+    # @343dc1d, G2D dataset/CremadDataset.py @95969d8; torchvision defaults scale (0.08, 1), ratio (3/4, 4/3), p 0.5)
+    augment = {"visual": {"recipe": "rrc_flip", "scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3], "flip_p": 0.5}}
     spec = DatasetSpec(
         name="cremad",
         modalities=(ModalitySpec("audio", "spectrogram", (1, 257, 188)),

@@ -1,8 +1,8 @@
 """The Method protocol: what a method may change, and the default training step.
 
 A method contributes loss terms (`loss`), gradient modulation between backward and step
-(`after_backward`), optionally its own step (`train_step`) or inference rule (`predict`), and
-state that must survive a checkpoint. The trainer owns data, optimisation, eval and checkpoints.
+(`after_backward`), optionally its own step (`train_step`) or inference rule (`predict`), its own
+trainable modules (`aux_module`), and state that must survive a checkpoint. The trainer owns data, optimisation, eval and checkpoints.
 """
 from __future__ import annotations
 
@@ -24,7 +24,13 @@ class NoParams:
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A non-finite training loss: the trainer records the run as diverged (metrics.json `diverged`) and goes on
+    with the next run. `epoch`, `step` and `terms` (each loss term's value) say where."""
+
+    def __init__(self, message: str, epoch: int | None = None, step: int | None = None,
+                 terms: dict[str, float] | None = None):
+        super().__init__(message)
+        self.epoch, self.step, self.terms = epoch, step, dict(terms or {})
 
 
 @dataclass
@@ -70,7 +76,8 @@ class Context:
             vals = {k: float(v.detach()) for k, v in terms.items()}
             raise NonFiniteLoss(
                 f"non-finite loss at epoch {self.epoch} step {self.step}: terms {vals}; "
-                "training stopped (lower trainer.lr, enable trainer.grad_clip, or check the prepared data)")
+                "training stopped (lower trainer.lr, enable trainer.grad_clip, or check the prepared data)",
+                epoch=self.epoch, step=self.step, terms=vals)
 
 
 def task_loss(spec: DatasetSpec, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -89,9 +96,26 @@ class Method:
         self.params = params
         self.spec = spec
 
+    @classmethod
+    def check_config(cls, tc, mcfg) -> None:
+        """Refuse, at config time (config_checks.check_methods, before any run starts), shared trainer or model
+        options this method cannot honour: raise ValueError saying which and what to set. `tc` is the run's
+        TrainerConfig, `mcfg` the ModelConfig (a fusion plug-in's `cls.fusion` replaces `mcfg.fusion`).
+        Every shared trainer option (e.g. `trainer.grad_clip`, applied by `clip_gradients`) is valid for
+        every method in this repository; only choices a method cannot train with are refused here."""
+
     def modalities(self) -> tuple[str, ...]:
         """Modalities of the model this method trains (teachers: one)."""
         return self.spec.modality_names
+
+    def aux_module(self, model: nn.Module) -> nn.Module | None:
+        """Trainable modules the method owns beside the model (e.g. MMPareto's unimodal heads), or None.
+
+        Called once, before the optimizer is built; the trainer attaches the result as `model.aux`, so it is
+        optimised, checkpointed, moved to the device and switched train/eval with the model. The model's
+        forward never uses it, and the saved `model.pt` / `selected.pt` leave it out.
+        """
+        return None
 
     def setup(self, model: nn.Module, ctx: Context) -> None:
         """Called once before training (after a resume too)."""
@@ -115,10 +139,15 @@ class Method:
         ctx.check_finite(total, terms)
         total.backward()
         self.after_backward(model, ctx)
-        if ctx.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
+        self.clip_gradients(model, ctx)
         optimizer.step()
         return {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+    def clip_gradients(self, model: nn.Module, ctx: Context) -> None:
+        """`trainer.grad_clip` > 0: clip the gradient norm (after `after_backward`, before the step). Default: one
+        norm over all parameters; a method whose model is several independent models clips each (UME)."""
+        if ctx.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), ctx.grad_clip)
 
     def predict(self, out) -> torch.Tensor:
         """Fused prediction used for evaluation."""

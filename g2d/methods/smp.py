@@ -7,7 +7,8 @@ params are prefixed `smp_` so they never clash with the base method's (e.g. OGM-
 Ranking is redone every batch (official code) or fixed by an epoch's first batch (`smp_rank_per: epoch`).
 Scopes (`smp_scope`): `official` zeroes only the grads of weight tensors (dim >= 2: the conv kernels of the released
 code; linear weights of MLP encoders, which have no conv); `strict` freezes the whole encoder
-(grad = None so momentum and weight decay skip it, restored bit-exact, BN in eval mode).
+(grad = None so momentum and weight decay skip it; parameters and BN running buffers restored bit-exact,
+BN normalising with batch statistics as in training).
 `smp_suppression: partial` (k modalities): in phase j the prioritised modality keeps kappa = 1 and every
 other one gets OGM-GE's 1 - tanh(alpha * rho^m / rho^lead), for k = 2 OGM-GE on teacher scores.
 """
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from g2d.registry import register_plugin
 
@@ -181,22 +181,25 @@ def smp(base: type) -> type:
 
 @contextlib.contextmanager
 def _frozen_encoders(model, mods: list[str]):
-    """Strict scope: encoders of `mods` bit-identical through the step, BN statistics frozen."""
+    """Strict scope: encoders of `mods` bit-identical through the step.
+
+    Normalisation runs as in training (batch statistics, as the paper and the official code, which never
+    switch a suppressed encoder to eval mode); its running buffers are restored bit-exact afterwards, so the
+    frozen encoder's state, parameters and buffers alike, does not change during its suppressed steps.
+    """
     if not mods:
         yield
         return
     enc = model.modality_parameters()
     params = [p for m in mods for p in enc[m]]
     snap = [p.detach().clone() for p in params]
-    bns = [b for m in mods for b in model.encoders[m].modules()
-           if isinstance(b, nn.modules.batchnorm._BatchNorm) and b.training]
-    for b in bns:
-        b.eval()
+    bufs = [b for m in mods for b in model.encoders[m].buffers()]
+    buf_snap = [b.detach().clone() for b in bufs]
     try:
         yield
     finally:
-        for b in bns:
-            b.train()
         with torch.no_grad():
             for p, s in zip(params, snap):
                 p.copy_(s)  # guard; with grad None the optimizer already left them untouched
+            for b, s in zip(bufs, buf_snap):
+                b.copy_(s)  # BN running mean/var and num_batches_tracked

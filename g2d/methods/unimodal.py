@@ -14,6 +14,10 @@ class UnimodalParams:
 class Unimodal(Method):
     Params = UnimodalParams
 
+    def __init__(self, params, spec):
+        super().__init__(params, spec)
+        self.modalities()  # fail at construction (before a run folder exists) on an unknown modality
+
     def modalities(self):
         m = self.params.modality
         if m not in self.spec.modality_names:

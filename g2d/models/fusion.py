@@ -1,9 +1,14 @@
 """Fusion heads: fused prediction plus a per-modality prediction for each modality.
 
-Per-modality logits follow the official G2D/OGM-GE conventions (g2d-spec.md §2.5), generalised to
-k modalities: late = each modality's own head; sum/concat = the modality's additive share with
-the bias split equally (shares add up to the fused output); film/gated = the output layer on the
-modality's own (conditioned) projection with a 1/k bias share.
+Per-modality logits, generalised to k modalities (official G2D/OGM-GE conventions in g2d-spec.md §2.5):
+- late: each modality's own head head_m(f_m) = W_m f_m + b_m (full bias); fused = their mean.
+- sum: each modality's own head W_m f_m + b_m, every head with its own full bias; fused = their sum,
+  so the per-modality logits add up to the fused output. No bias is split (the official code reads
+  out W_m f_m + b_m / 2 instead, whose shares do not add up to the fused logits).
+- concat: one head on [f_1; ...; f_k]; share_m = W[:, cols of m] f_m + b/k, the bias split equally,
+  so the shares add up to the fused output.
+- film/gated: the output layer on the modality's own (conditioned) projection with a 1/k bias share
+  (film: normalised FiLM with gamma = 1 + delta_gamma, Perez et al. 2018; see FiLMFusion).
 """
 from __future__ import annotations
 
@@ -64,7 +69,20 @@ class ConcatFusion(nn.Module):
 
 
 class FiLMFusion(nn.Module):
-    """The first modality conditions the mean projection of the others: out(gamma*x + beta)."""
+    """The first modality conditions the mean projection of the others: out(FiLM(x | c)).
+
+    FiLM as in Perez et al., "FiLM: Visual Reasoning with a General Conditioning Layer" (AAAI 2018): the
+    modulated features are normalised (their FiLM layers follow a BatchNorm without affine parameters; here a
+    LayerNorm without affine parameters, as the head sees one vector per sample), and the generator predicts
+    the deviation of the scale, gamma = 1 + delta_gamma, so an untrained generator leaves x unchanged
+    (their Appendix / section 7.2 "we predict delta gamma"). The generator reads the normalised condition:
+        FiLM(x | c) = (1 + dgamma(LN(c))) * LN(x) + beta(LN(c)),   [dgamma; beta] = W LN(c) + b.
+    Without the normalisation the head was gamma(c) * x + beta with gamma linear in c, i.e. quadratic in the
+    encoder features (the per-modality logits, self-conditioned, were quadratic in one modality's features):
+    CE lowers by scaling features up, the gradient grows with them, and g2d+film diverged (feature
+    distillation term ~1e13 to inf at trainer.lr=0.1, non-finite on some set-ups at the default lr). With LN,
+    the logits are bounded by the head's weights, whatever the feature scale.
+    """
 
     def __init__(self, dims, n_out, d=128):
         super().__init__()
@@ -74,8 +92,8 @@ class FiLMFusion(nn.Module):
         self.out = nn.Linear(d, n_out)
 
     def _mod(self, cond, x):
-        gamma, beta = self.film(cond).chunk(2, dim=1)
-        return gamma * x + beta
+        dgamma, beta = self.film(cond).chunk(2, dim=1)
+        return (1 + torch.tanh(dgamma)) * x + beta
 
     def forward(self, feats):
         p = {m: self.proj[m](feats[m]) for m in self.mods}

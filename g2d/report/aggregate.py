@@ -1,8 +1,10 @@
 """Per-run summaries (reports/runs/*.json) -> one tidy table, the source of truth for every report.
 
 reports/tables/runs.csv: one row per (run, seed, selection rule, split, metric).
-reports/tables/summary.csv: mean / std / n over seeds for each (run, selection, split, metric).
-Runs from different stand-in/real sources or code versions are never averaged together.
+reports/tables/summary.csv: mean / std / n over seeds for each (run, selection, split, metric), with `seeds`
+(the run's seeds) and `diverged` (how many of them diverged: metrics.json `diverged`; left out of mean and n).
+Runs from different stand-in/real sources, code versions or split variants (`data_split`, e.g. CREMA-D's
+`ogm_ge` vs `speaker_folds/1`) are never averaged or tabled together.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ import pandas as pd
 
 from g2d.data.prepared import atomic_write_text
 
-COLUMNS = ["run", "method", "dataset", "modality", "source", "seed", "selection", "epoch", "split", "metric",
+COLUMNS = ["run", "method", "dataset", "modality", "source", "data_split", "seed", "selection", "epoch", "split", "metric",
            "value", "git_sha"]
+DIVERGED = "diverged"  # `metric` of the one row a diverged seed contributes (value NaN): never averaged, counted
 
 
 def tidy(runs_dir: Path) -> pd.DataFrame:
@@ -22,12 +25,21 @@ def tidy(runs_dir: Path) -> pd.DataFrame:
     for f in sorted(Path(runs_dir).rglob("*.json")):
         summary = json.loads(f.read_text())
         for res in summary["seeds"]:
+            if res.get("diverged"):  # excluded from every mean; counted per (run, dataset) by summarise
+                rows.append({
+                    "run": summary["run"], "method": summary["method"], "dataset": summary["dataset"],
+                    "modality": summary.get("modality") or "", "source": res.get("source", "real"),
+                    "data_split": res.get("split", "standard"), "seed": res["seed"], "selection": "",
+                    "epoch": res["diverged"].get("epoch"), "split": "", "metric": DIVERGED,
+                    "value": float("nan"), "git_sha": res["provenance"]["git_sha"]})
+                continue
             for rule, sel in res["selection"].items():
                 for split in ("val", "test"):
                     for metric, value in sel[split].items():
                         rows.append({
                             "run": summary["run"], "method": summary["method"], "dataset": summary["dataset"],
                             "modality": summary.get("modality") or "", "source": res.get("source", "real"),
+                            "data_split": res.get("split", "standard"),
                             "seed": res["seed"], "selection": rule, "epoch": sel["epoch"], "split": split,
                             "metric": metric, "value": value, "git_sha": res["provenance"]["git_sha"]})
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -38,9 +50,22 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     mixed = df.groupby(["run"])["source"].nunique()
     if (mixed > 1).any():
         raise ValueError(f"runs mix stand-in and real data: {sorted(mixed[mixed > 1].index)}; re-run them")
+    splits = df.groupby(["dataset"])["data_split"].unique()
+    for ds, names in splits.items():
+        if len(names) > 1:
+            runs = df[df.dataset == ds].groupby("data_split")["run"].unique()
+            detail = "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in runs.items())
+            raise ValueError(f"{ds}: runs on different split variants cannot share a table ({detail}); re-run "
+                             f"them on one `datasets.{ds}.real.split` or keep their summaries apart")
     g = df.groupby(keys, sort=True)["value"]
     out = g.agg(mean="mean", std="std", n="count").reset_index()
     out["std"] = out["std"].fillna(0.0)
+    # diverged seeds: `seeds` = seeds of the run, `diverged` = how many of them diverged; the run's `diverged`
+    # row (selection/split empty, n 0) keeps the count where every seed diverged
+    seeds = df.groupby("run")["seed"].nunique().rename("seeds")
+    div = df[df.metric == DIVERGED].groupby("run")["seed"].nunique().rename("diverged")
+    out = out.merge(seeds, on="run", how="left").merge(div, on="run", how="left")
+    out["diverged"] = out["diverged"].fillna(0).astype(int)
     return out
 
 
@@ -64,10 +89,14 @@ def aggregate(reports_dir: Path) -> list[Path]:
 
 
 def headline(summary: pd.DataFrame, path: Path) -> Path:
-    """`dvc metrics show` / `dvc exp show`: each run's mean test primary metric (best-val selection)."""
+    """The `dvc metrics show` / `dvc exp show` metrics: flat `<dataset>/<method>/<metric>` keys (e.g.
+    `cremad/g2d/acc`, a teacher is `cremad/teacher-audio/acc`), each the mean over seeds of the run's test
+    primary metric (`acc`, or `rmse` for regression) under best-val selection, as in summary.csv. No `_std`
+    keys: they would double a table DVC prints as one row per file; the stds are in summary.csv."""
     sel = summary[(summary.selection == "best_val") & (summary.split == "test") & summary.metric.isin(["acc", "rmse"])]
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, float] = {}
     for r in sel.itertuples():
-        out.setdefault(r.dataset, {})[r.run.removesuffix(f"-{r.dataset}")] = round(float(r.mean), 4)
-    atomic_write_text(path, json.dumps(out, indent=2, sort_keys=True) + "\n")
+        method = r.run.replace(f"-{r.dataset}", "", 1)  # g2d-cremad -> g2d, teacher-cremad-audio -> teacher-audio
+        out[f"{r.dataset}/{method}/{r.metric}"] = round(float(r.mean), 4)
+    atomic_write_text(path, json.dumps(dict(sorted(out.items())), indent=2) + "\n")
     return path

@@ -1,14 +1,18 @@
 """Compare one method against every other method of the suite, seed by seed.
 
 For each dataset and metric: the paired per-seed difference (method - other) over the seeds both
-ran, its mean, a 95% t-interval, and the paired t-test p-value. With 3 seeds these intervals are
-wide: they say how much the seeds disagree, they do not replace more seeds.
+ran, its mean, a 95% t-interval, the paired t-test p-value and its Holm-corrected value over every test
+of the report (one report holds tens of tests: uncorrected, some fall below 0.05 by chance alone). With 3
+seeds these intervals are wide: they say how much the seeds disagree, they do not replace more seeds;
+below MIN_SEEDS paired seeds the report says so at its top.
 """
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -16,13 +20,31 @@ from g2d.data.prepared import atomic_write_text
 from g2d.report.render import environments
 from g2d.train.metrics import SELECTIONS, primary_metric
 
+MIN_SEEDS = 5  # below this many paired seeds a comparison's p-values are flagged as fragile
+
+
+def holm(p) -> np.ndarray:
+    """Holm step-down adjusted p-values (family-wise error), in the input order; NaN entries stay NaN and are
+    not counted in the family."""
+    p = np.asarray(p, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = len(ok)
+    if m == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    out[order] = np.minimum(adj, 1.0)
+    return out
+
 
 def paired(runs: pd.DataFrame, method: str, selection: str = "best_val") -> pd.DataFrame:
     sel = runs[(runs.selection == selection) & (runs.split == "test") & (runs.modality.fillna("") == "")]
     mine = sel[sel.method == method]
     if mine.empty:
-        raise FileNotFoundError(f"no runs of {method!r} in the aggregated table: add it to suite.methods "
-                                "and `dvc repro` (or `g2d train method=... --all-seeds --summary reports/runs`)")
+        raise FileNotFoundError(f"no runs of {method!r} in the aggregated table: add it to "
+                                "suite.groups.<group>.methods in params.yaml and `dvc repro` "
+                                "(or `g2d train method=... --all-seeds --summary reports/runs`)")
     rows = []
     for ds in sorted(mine.dataset.unique()):
         task_metric = primary_metric("regression" if "rmse" in set(mine[mine.dataset == ds].metric)
@@ -47,8 +69,11 @@ def paired(runs: pd.DataFrame, method: str, selection: str = "best_val") -> pd.D
                          "diff": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": p})
     if not rows:
         raise FileNotFoundError(f"{method!r} has no other method to compare with on its datasets "
-                                f"({sorted(mine.dataset.unique())}): add baselines to suite.methods")
-    return pd.DataFrame(rows)
+                                f"({sorted(mine.dataset.unique())}): add baselines to "
+                                "suite.groups.<group>.methods in params.yaml")
+    df = pd.DataFrame(rows)
+    df["p_holm"] = holm(df["p_value"])
+    return df
 
 
 def compare(reports_dir: Path, method: str, selection: str = "best_val") -> list[Path]:
@@ -66,10 +91,18 @@ def compare(reports_dir: Path, method: str, selection: str = "best_val") -> list
     tmp.replace(csv)
     df = pd.read_csv(csv)
     standin = set(runs[runs.method == method].source) == {"standin"}
+    n_tests = int(df.p_value.notna().sum())
+    seeds = sorted({int(n) for n in df.n})
     md, _ = environments()
     text = md.get_template("compare.md.j2").render(
         method=method, rows=df.to_dict("records"), csv=csv.as_posix(), standin=standin,
-        selection=selection, selection_text=SELECTIONS[selection])
+        selection=selection, selection_text=SELECTIONS[selection], n_tests=n_tests,
+        seeds=seeds, min_seeds=MIN_SEEDS, few=min(seeds) < MIN_SEEDS,
+        n_raw=int((df.p_value < 0.05).sum()), n_holm=int((df.p_holm < 0.05).sum()))
+    if min(seeds) < MIN_SEEDS:
+        print(f"[g2d] caution: {method}: {n_tests} paired t-tests on {'/'.join(map(str, seeds))} seed(s) "
+              f"(fewer than {MIN_SEEDS}); p < 0.05 in {int((df.p_value < 0.05).sum())} uncorrected, "
+              f"{int((df.p_holm < 0.05).sum())} after Holm: read the intervals, not the p-values", file=sys.stderr)
     path = out / f"{method}.md"
     atomic_write_text(path, text)
     return [csv, path]

@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -28,7 +29,11 @@ def learning_curves(runs_dir: Path, dataset: str, out: Path, metric: str = "acc"
     n = len(files)
     cols = min(4, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False, sharey=True)
+    # constrained layout keeps each panel's title clear of the x labels of the row above, and the suptitle
+    # right above the first row (bbox_inches="tight" alone leaves them overlapping or far apart)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.4 + 2.6 * rows), squeeze=False, sharey=True,
+                             layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.06, w_pad=0.04, hspace=0.04)
     first = pd.read_csv(files[0], nrows=1)
     if f"test/{metric}" not in first.columns:  # regression datasets: curves of RMSE
         metric = "rmse"
@@ -38,13 +43,14 @@ def learning_curves(runs_dir: Path, dataset: str, out: Path, metric: str = "acc"
             label = "fused" if c == f"test/{metric}" else c.split("_", 1)[1]
             ax.plot(h.index, h[c], label=label, lw=1.5 if label == "fused" else 1.0,
                     ls="-" if label == "fused" else "--")
-        ax.set_title(f.stem.removesuffix(f"-{dataset}"), fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_title(f.stem.removesuffix(f"-{dataset}"), fontsize=9, pad=3)
+        ax.set_xlabel("epoch", fontsize=8, labelpad=1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"{dataset}: test {metric} per epoch (mean over seeds)", fontsize=10, y=1.02)
+    fig.suptitle(f"{dataset}: test {metric} per epoch (mean over seeds)", fontsize=10)
     return _save(fig, out)
 
 
@@ -58,12 +64,25 @@ def smp_timeline(runs_dir: Path, dataset: str, out: Path) -> Path | None:
             panels.append((f.stem.removesuffix(f"-{dataset}"), h.groupby("epoch")[kap].mean()))
     if not panels:
         return None
-    fig, axes = plt.subplots(len(panels), 1, figsize=(6, 0.5 + 0.45 * sum(len(k.columns) for _, k in panels)),
-                             squeeze=False)
+    # one row per modality, a fixed height per row plus room for each panel's title: panels never overprint
+    heights = [len(k.columns) for _, k in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(6.5, 0.6 + sum(0.28 * h + 0.42 for h in heights)),
+                             squeeze=False, sharex=True, layout="constrained",
+                             gridspec_kw={"height_ratios": heights})
+    fig.get_layout_engine().set(h_pad=0.04, hspace=0.02)
+    image = None
     for ax, (name, k) in zip(axes[:, 0], panels):
-        ax.imshow(k.T.to_numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+        epochs = k.index.to_numpy()
+        extent = (epochs.min() - 0.5, epochs.max() + 0.5, len(k.columns) - 0.5, -0.5)
+        image = ax.imshow(k.T.to_numpy(), aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest",
+                          extent=extent)
         ax.set_yticks(range(len(k.columns)), [c.removeprefix("coef/kappa_") for c in k.columns], fontsize=7)
-        ax.set_title(f"{name}: kappa (1 = encoder trains)", fontsize=8)
+        ax.set_title(name, fontsize=8, loc="left", pad=2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
     axes[-1, 0].set_xlabel("epoch", fontsize=8)
+    bar = fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.04, pad=0.02, aspect=30)
+    bar.set_label("mean kappa over seeds (1 = encoder trains, 0 = suppressed)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    fig.suptitle(f"{dataset}: SMP timeline per method", fontsize=9)
     return _save(fig, out)

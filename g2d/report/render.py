@@ -8,7 +8,7 @@ import jinja2
 import pandas as pd
 
 from g2d.data.prepared import atomic_write_text
-from g2d.report import plots
+from g2d.report import plots, recipes
 from g2d.report.tables import build, build_pairs, fmt, table_specs
 from g2d.train.metrics import SELECTIONS
 
@@ -66,7 +66,8 @@ def _write_csv(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     # render from the file, not from memory
     cells = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"modality": str, "row": str})
     cells["modality"] = cells["modality"].fillna("")
-    cells["cell"] = [fmt(m, s, int(n)) for m, s, n in zip(cells["mean"], cells["std"], cells["n"])]
+    cells["cell"] = [fmt(m, s, int(n), d, k) for m, s, n, d, k in
+                     zip(cells["mean"], cells["std"], cells["n"], cells["diverged"], cells["seeds"])]
     return cells
 
 
@@ -162,4 +163,5 @@ def render_all(cfg, out_dir: Path) -> list[Path]:
         tables=contexts, figures=figs, standin=all(c["standin"] for c in contexts))
     atomic_write_text(out_dir / "index.html", html)
     paths += [out_dir / f["path"] for f in figs] + [out_dir / "index.html"]
+    paths += recipes.write_recipes(cfg, out_dir)  # reports/recipes.md: the paper profile with its sources
     return paths

@@ -41,14 +41,18 @@ def table_specs(reports: dict) -> dict[str, TableSpec]:
     return out
 
 
-CELL_COLUMNS = ["row", "method", "modality", "dataset", "metric", "mean", "std", "n", "cell"]
+CELL_COLUMNS = ["row", "method", "modality", "dataset", "metric", "mean", "std", "n", "diverged", "seeds", "cell"]
 
 
-def fmt(mean: float, std: float, n: int) -> str:
-    """One formatting rule for every output (md, tex, html) so they round identically."""
+def fmt(mean: float, std: float, n: int, diverged: int = 0, seeds: int = 0) -> str:
+    """One formatting rule for every output (md, tex, html) so they round identically. Diverged seeds are
+    left out of mean/std and counted: `71.20 ± 1.30 (1/3 diverged)`, `diverged (3/3)`."""
+    diverged = 0 if pd.isna(diverged) else int(diverged)
+    seeds = max(0 if pd.isna(seeds) else int(seeds), diverged)
     if pd.isna(mean):
-        return "-"
-    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+        return f"diverged ({diverged}/{seeds})" if diverged else "-"
+    cell = f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+    return f"{cell} ({diverged}/{seeds} diverged)" if diverged else cell
 
 
 def expand_metrics(metrics: list[str], dataset: str) -> list[str]:
@@ -72,6 +76,11 @@ def build(summary: pd.DataFrame, spec: TableSpec, selection: str | None = None) 
     """
     sel = summary[(summary.selection == (selection or spec.selection)) & (summary.split == "test")
                   & summary.dataset.isin(spec.datasets)]
+    counts: dict[tuple, tuple[int, int]] = {}  # (method, modality, dataset) -> (diverged, seeds)
+    if "diverged" in summary.columns:
+        for r in summary[summary.dataset.isin(spec.datasets)].itertuples():
+            counts[(r.method, r.modality if isinstance(r.modality, str) else "", r.dataset)] = (
+                int(r.diverged), int(r.seeds))
     methods = spec.methods or sorted(sel[sel.modality.fillna("") == ""].method.unique())
     labels = [(m, "") for m in methods]
     if spec.teachers:
@@ -95,9 +104,12 @@ def build(summary: pd.DataFrame, spec: TableSpec, selection: str | None = None) 
                     mean, std, n = float(r["mean"]), float(r["std"]), int(r["n"])
                 else:
                     mean, std, n = float("nan"), float("nan"), 0
+                d, k = counts.get((method, mod, ds), (0, 0))
+                if mod and not metric.endswith(f"_{mod}") and own_col:
+                    d = 0  # a teacher's '-' cell outside its own column
                 rows.append({"row": f"{mod} teacher" if mod else method, "method": method, "modality": mod,
                              "dataset": ds, "metric": metric, "mean": mean, "std": std, "n": n,
-                             "cell": fmt(mean, std, n)})
+                             "diverged": d, "seeds": k, "cell": fmt(mean, std, n, d, k)})
     return pd.DataFrame(rows, columns=CELL_COLUMNS)
 
 
@@ -123,5 +135,6 @@ def build_pairs(runs: pd.DataFrame, spec: TableSpec, selection: str | None = Non
                 mean = float(series.mean()) if n else float("nan")
                 std = float(series.std()) if n > 1 else (0.0 if n else float("nan"))
                 rows.append({"row": f"{without} / {with_}", "method": with_, "modality": "", "dataset": ds,
-                             "metric": label, "mean": mean, "std": std, "n": n, "cell": fmt(mean, std, n)})
+                             "metric": label, "mean": mean, "std": std, "n": n, "diverged": 0, "seeds": n,
+                             "cell": fmt(mean, std, n)})
     return pd.DataFrame(rows, columns=CELL_COLUMNS)

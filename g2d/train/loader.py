@@ -1,7 +1,9 @@
 """Batches straight from prepared arrays: index a permutation, no per-sample collate.
 
 Small (stand-in) splits are converted to tensors once and live on the target device; large ones
-stay memory-mapped and each batch is read with one fancy-index per array.
+stay memory-mapped and each batch is read with one fancy-index per array. Arrays keep their stored
+dtype (uint8 frames stay uint8, 4x smaller on the device); `g2d.data.transforms.InputPipeline` turns
+a batch into model inputs.
 """
 from __future__ import annotations
 
@@ -13,8 +15,6 @@ IN_MEMORY_BYTES = 2 * 1024**3
 
 def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(arr))
-    if t.dtype == torch.uint8:
-        return t.float().div_(255.0)
     if t.dtype in (torch.float16, torch.float64):
         return t.float()
     return t

@@ -20,18 +20,33 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG's state as tensors, ints and lists only, so a checkpoint holding it loads with
+    `torch.load(weights_only=True)` (Python's and numpy's state tuples are converted; see set_rng_state)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [int(version), torch.tensor(internal, dtype=torch.int64),
+                        None if gauss is None else float(gauss)],
+             "numpy": [str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    """Restore what rng_state captured (also accepts the native tuples older checkpoints held)."""
+    version, internal, gauss = state["python"]
+    if torch.is_tensor(internal):
+        internal = tuple(int(x) for x in internal.cpu().tolist())
+    random.setstate((int(version), tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    if torch.is_tensor(keys):
+        keys = keys.cpu().numpy()
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"].cpu())  # .cpu(): a checkpoint loaded with map_location=cuda
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def resolve_device(name: str) -> torch.device:

@@ -67,3 +67,26 @@ def test_method_code_change_stales_only_its_stages(project):
         src.write_text(original)
         run([sys.executable, "-m", "dvc", "repro", "-q", "codehash"], project)
     assert "main@joint" not in run([sys.executable, "-m", "dvc", "status"], project).stdout
+
+
+def test_failing_prepare_keeps_previous_output(project):
+    """A `dvc repro prepare@cremad` that fails leaves the previous prepared data in place (issue 12 §6):
+    DVC removes non-persistent outputs before running the command."""
+    import yaml
+
+    params_path = project / "params.yaml"
+    original = params_path.read_text()
+    meta = project / "data/prepared/cremad/meta.json"
+    before = meta.read_bytes()
+    arrays = {p.relative_to(project): p.read_bytes() for p in (project / "data/prepared/cremad").rglob("*.npy")}
+    try:
+        params = yaml.safe_load(original)
+        params["datasets"]["cremad"]["standin"] = {"modalities": {"audio": {"code": "bogus"}}}  # fails in generate
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        res = run([sys.executable, "-m", "dvc", "repro", "prepare@cremad"], project, check=False)
+        assert res.returncode != 0 and "bogus" in res.stdout + res.stderr
+        assert meta.read_bytes() == before
+        assert {p: (project / p).read_bytes() for p in arrays} == arrays
+    finally:
+        params_path.write_text(original)
+    assert "prepare@cremad" not in run([sys.executable, "-m", "dvc", "status"], project).stdout

@@ -92,3 +92,30 @@ def test_cli_one_line_errors(tmp_path, capsys):
     assert err.count("\n") == 0 and "valid methods" in err and "joint" in err
     assert main(["--params", p, "train", "trainer.nokey=1"]) == 2
     assert "trainer.nokey" in capsys.readouterr().err
+
+
+def test_per_dataset_method_overrides(tmp_path):
+    """`datasets.<d>.methods.<m>` merges over `methods.<m>` for runs on that dataset only (views use their parent's)."""
+    from g2d.config import method_params
+
+    def edit(d):
+        d["datasets"]["cremad"]["methods"] = {"g2d": {"smp_phase_epochs": [7]}}
+        d["datasets"]["urfunny"]["methods"] = {"ogm_ge": {"alpha": 0.3}}
+
+    cfg = tiny_config(tmp_path, edit=edit)
+    assert method_params(cfg, "g2d", "cremad").smp_phase_epochs == [7]
+    assert method_params(cfg, "g2d", "avmnist").smp_phase_epochs == []
+    assert method_params(cfg, "g2d").smp_phase_epochs == []
+    assert method_params(cfg, "ogm_ge", "urfunny-av").alpha == 0.3  # a view without its own block
+    assert method_params(cfg, "ogm_ge", "urfunny").ge is True  # the rest of methods.ogm_ge is kept
+    bad = lambda d: d["datasets"]["cremad"].update(methods={"g2d": {"smp_phasez": [1]}})  # noqa: E731
+    with pytest.raises(ConfigError, match=r"methods.g2d \+ datasets.cremad.methods.g2d: invalid key 'smp_phasez'"):
+        tiny_config(tmp_path, edit=bad)
+    unknown = lambda d: d["datasets"]["cremad"].update(methods={"nope": {}})  # noqa: E731
+    with pytest.raises(ConfigError, match=r"datasets.cremad.methods.nope: no `methods.nope` block"):
+        tiny_config(tmp_path, edit=unknown)
+
+
+def test_trainer_select_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.select='best' not in \(best_val, best_test, last\)"):
+        tiny_config(tmp_path, ["trainer.select=best"])

@@ -7,6 +7,7 @@ import socket
 import tarfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,19 +111,19 @@ def test_fetch_remotes_records_manifest_then_verifies(tmp_path):
 
 def test_verify_and_verify_or_record(tmp_path):
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "x.wav").write_bytes(b"x" * 10)
-    (tmp_path / "y.flv").write_bytes(b"y" * 20)
-    rels = ["sub/x.wav", "y.flv"]
+    (tmp_path / "sub" / "x.bin").write_bytes(b"x" * 10)
+    (tmp_path / "y.dat").write_bytes(b"y" * 20)
+    rels = ["sub/x.bin", "y.dat"]
     m = F.verify_or_record(tmp_path, rels)  # first use: records
-    assert F.read_manifest(m) == {"sub/x.wav": _sha(b"x" * 10), "y.flv": _sha(b"y" * 20)}
+    assert F.read_manifest(m) == {"sub/x.bin": _sha(b"x" * 10), "y.dat": _sha(b"y" * 20)}
     assert F.verify(tmp_path, m, jobs=2) == rels
-    (tmp_path / "y.flv").write_bytes(b"y" * 19)
-    with pytest.raises(F.ChecksumMismatch, match=r"y\.flv: sha256 .* \(1 of 2 file\(s\) differ"):
+    (tmp_path / "y.dat").write_bytes(b"y" * 19)
+    with pytest.raises(F.ChecksumMismatch, match=r"y\.dat: sha256 .* \(1 of 2 file\(s\) differ"):
         F.verify_or_record(tmp_path, rels)
     with pytest.raises(F.ChecksumMismatch, match="size 19 B, expected 20 B"):
-        F.verify(tmp_path, m, sizes={"y.flv": 20})
-    (tmp_path / "sub" / "x.wav").unlink()
-    with pytest.raises(F.MissingRawFile, match=r"x\.wav: missing") as e:
+        F.verify(tmp_path, m, sizes={"y.dat": 20})
+    (tmp_path / "sub" / "x.bin").unlink()
+    with pytest.raises(F.MissingRawFile, match=r"x\.bin: missing") as e:
         F.verify(tmp_path, m)
     assert isinstance(e.value, FileNotFoundError)  # the CLI already prints FileNotFoundError cleanly
 
@@ -173,10 +174,10 @@ def test_clip_cache_and_map_clips_resume(tmp_path):
 
     items = [(f"c{i}", i) for i in range(8)]
     with pytest.raises(KeyboardInterrupt):
-        F.map_clips(fn, items, cache, skip_errors=(ValueError,))
+        F.map_clips(fn, items, cache, sources=lambda a: (), skip_errors=(ValueError,))
     assert calls == [0, 1, 2, 3, 4, 5]
     calls.clear()
-    out = F.map_clips(lambda x: {"v": np.full(2, x)}, items, cache, skip_errors=(ValueError,))
+    out = F.map_clips(lambda x: {"v": np.full(2, x)}, items, cache, sources=lambda a: (), skip_errors=(ValueError,))
     assert calls == []  # nothing recomputed (the resumed fn is a different callable)
     assert out == {f"c{i}": i != 3 for i in range(8)}
     assert cache.get("c3") is None and "bad clip" in cache.skip_reason("c3")
@@ -208,3 +209,63 @@ def test_manual_step_message_is_numbered():
     e = F.manual_step("AV-MNIST needs a manual download.", ["Open the link.", "Save it to raw/."], "g2d fetch avmnist")
     assert str(e).splitlines()[2:4] == ["  1. Open the link.", "  2. Save it to raw/."]
     assert str(e).endswith("Then run: g2d fetch avmnist")
+
+
+def test_format_problem_per_format(tmp_path):
+    import pickle
+    import zipfile
+
+    def w(name, b):
+        (tmp_path / name).write_bytes(b)
+        return F.format_problem(tmp_path / name)
+
+    html = b"<!DOCTYPE html><html><body>Sign in</body></html>"
+    assert "HTML page" in w("a.pkl", html) and "HTML page" in w("a.bin", html) and w("a.html", html) is None
+    pk = pickle.dumps({"x": np.arange(3)}, protocol=4)
+    assert w("ok.pkl", pk) is None and "STOP" in w("cut.pkl", pk[:-5])
+    tg = _targz({"a/x.bin": _blob(40_000)})
+    assert w("ok.tar.gz", tg) is None and "truncated" in w("cut.tar.gz", tg[: len(tg) // 2])
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("x.bin", _blob(5000))
+    zb = buf.getvalue()
+    assert w("ok.zip", zb) is None and w("cut.zip", zb[:-30]) is not None
+    bad_crc = bytearray(zb)
+    bad_crc[100] ^= 0xFF
+    assert "CRC" in w("crc.zip", bytes(bad_crc))
+    np.save(tmp_path / "ok.npy", np.zeros((10, 4), np.float32))
+    npy = (tmp_path / "ok.npy").read_bytes()
+    assert F.format_problem(tmp_path / "ok.npy") is None and "needs" in w("cut.npy", npy[:-8])
+    assert w("e.csv", b"") == "not a csv file: the file is empty"
+    assert w("x.part", html) and F.format_problem(tmp_path / "x.part", "x.zip").startswith("not a zip archive")
+
+
+def test_digest_store_remembers_by_stat_and_notices_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr(F.DigestStore, "RACY_S", 0.0)
+    f = tmp_path / "a.bin"
+    f.write_bytes(b"a" * 100)
+    store = F.DigestStore(tmp_path / "d.json")
+    assert store.sha256(f) == _sha(b"a" * 100)
+    store.save()
+    calls = []
+    monkeypatch.setattr(F, "sha256_file", lambda p: calls.append(p) or _sha(Path(p).read_bytes()))
+    again = F.DigestStore(tmp_path / "d.json")  # persisted: not hashed again
+    assert again.sha256(f) == _sha(b"a" * 100) and calls == []
+    st = f.stat()
+    f.write_bytes(b"b" * 100)  # same size, in place (same inode), old mtime restored
+    import os
+
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert again.sha256(f) == _sha(b"b" * 100) and len(calls) == 1  # ctime changed: hashed afresh
+
+
+def test_forget_command_resets_an_entry(tmp_path):
+    import subprocess
+    import sys
+
+    m = F.write_manifest(tmp_path / F.MANIFEST, {"a.bin": "0" * 64, "b.bin": "1" * 64})
+    assert F.main(["forget", str(m), "a.bin"]) == 0 and F.read_manifest(m) == {"b.bin": "1" * 64}
+    assert F.main(["forget", str(m), "a.bin"]) == 1
+    r = subprocess.run([sys.executable, "-m", "g2d.data.raw.fetching", "forget", str(m), "b.bin"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "removed b.bin" in r.stdout and F.read_manifest(m) == {}

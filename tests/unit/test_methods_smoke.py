@@ -20,7 +20,7 @@ from g2d.methods.base import Context
 from g2d.models.model import MultimodalModel
 from g2d.train import checkpoint
 from g2d.train.seeding import rng_state, seed_everything, set_rng_state
-from g2d.train.trainer import build_optimizer
+from g2d.train.trainer import build_model, build_optimizer
 from tests.conftest import make_batch, tiny_model_cfg, tiny_spec
 
 
@@ -72,8 +72,7 @@ def _teachers(spec, mods):
 def _build(cls, spec):
     """What Trainer.fit does before the epoch loop (minus data and setup)."""
     method = cls(_params(cls, spec), spec)
-    fusion = getattr(cls, "fusion", None) or "late"  # fusion plug-ins (joint+concat) set it, as in Trainer
-    model = MultimodalModel(spec, tiny_model_cfg(fusion), method.modalities())
+    model = build_model(method, spec, tiny_model_cfg())  # fusion plug-ins and aux modules, as in Trainer
     opt = build_optimizer(model.parameters(), TrainerConfig(lr=0.05))
     teachers = _teachers(spec, model.modalities) if cls.needs_teachers else {}
     ctx = Context(spec=spec, device=torch.device("cpu"), epochs=4, teachers=teachers, optimizer=opt)

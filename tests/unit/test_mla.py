@@ -157,3 +157,30 @@ def test_single_modality_without_projection_is_unimodal_training():
         uni.train_step(ref, batch, ref_opt, _ctx(spec, ref_opt))
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, msg=n)
+
+
+def test_fixed_weights_set_the_fixed_fusion_and_only_it():
+    """Official fixed fusion: out = 0.55 * out_a + 0.45 * out_v (MLA main.py @ab6c184); {} = equal weights."""
+    spec = tiny_spec(2, n_classes=3)
+    za = torch.tensor([[1.0, 0.0, -1.0], [0.2, 0.1, 0.0]])
+    zv = torch.tensor([[0.0, 1.1, -1.0], [0.0, 0.3, 0.1]])
+    out = Output(features={}, logits={"audio": za, "visual": zv}, fused=(za + zv) / 2)  # late fusion: the mean
+    equal = MLA(MLAParams(test_fusion="fixed"), spec).predict(out)
+    official = MLA(MLAParams(test_fusion="fixed", fixed_weights={"audio": 0.55, "visual": 0.45}), spec).predict(out)
+    torch.testing.assert_close(official, 0.55 * za + 0.45 * zv)
+    assert torch.equal(equal, out.fused)
+    # the weight decides sample 0: audio's class 0 wins at 0.55, visual's class 1 at 0.5
+    assert equal.argmax(1).tolist() == [1, 1] and official.argmax(1).tolist() == [0, 1]
+    halves = MLA(MLAParams(test_fusion="fixed", fixed_weights={"audio": 0.5, "visual": 0.5}), spec).predict(out)
+    torch.testing.assert_close(halves, out.fused)
+    # entropy fusion does not read them
+    dyn = MLA(MLAParams(fixed_weights={"audio": 0.55, "visual": 0.45}), spec).predict(out)
+    torch.testing.assert_close(dyn, entropy_fusion([za, zv])[0])
+    for bad in ({"audio": 1.0}, {"audio": 0.5, "visual": 0.3, "text": 0.2}, {"audio": -0.1, "visual": 1.1}):
+        with pytest.raises(ValueError, match="fixed_weights"):
+            MLA(MLAParams(test_fusion="fixed", fixed_weights=bad), spec)
+    three = MLA(MLAParams(test_fusion="fixed", fixed_weights={"audio": 0.35, "visual": 0.25, "text": 0.4}),
+                tiny_spec(3, n_classes=3))
+    zt = torch.randn(2, 3)
+    out3 = Output(features={}, logits={"audio": za, "visual": zv, "text": zt}, fused=torch.zeros(2, 3))
+    torch.testing.assert_close(three.predict(out3), 0.35 * za + 0.25 * zv + 0.4 * zt)

@@ -175,3 +175,34 @@ def test_scope_without_conv_layers_is_a_clear_error():
     OGM(OGMParams(scope="weights"), spec).setup(model, ctx)
     with pytest.raises(ValueError, match="classification"):
         OGM(OGMParams(), tiny_spec(2, task="regression"))
+
+
+def test_ge_noise_on_an_exactly_zero_gradient_has_std_1e8(setup2):
+    """Official `normal_(0, grad.std() + 1e-8)` (OGM-GE main.py @343dc1d): a zero gradient still gets noise."""
+    spec, state, _ = setup2
+    model = MultimodalModel(spec, tiny_model_cfg())
+    model.load_state_dict(state)
+    ctx = Context(spec=spec, device=torch.device("cpu"), epochs=1)
+    for cls, params in ((OGMGE, OGMGEParams(alpha=0.8)), (OGM, OGMParams(alpha=0.8))):
+        method = cls(params, spec)
+        method.setup(model, ctx)
+        torch.manual_seed(0)
+        eps = {m: [] for m in spec.modality_names}
+        for _ in range(20):
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            method._scores = torch.tensor([3.0, 1.0])
+            method.after_backward(model, ctx)
+            for m in spec.modality_names:
+                eps[m].append(torch.cat([p.grad.flatten() for p in method._groups[m]]))
+        for m in spec.modality_names:
+            e = torch.cat(eps[m])
+            if cls is OGM:  # no GE: the zero gradient stays zero
+                assert torch.count_nonzero(e) == 0
+                continue
+            assert e.numel() > 5_000 and torch.count_nonzero(e) == e.numel(), m
+            assert e.std().item() == pytest.approx(1e-8, rel=0.05), m
+            assert abs(e.mean().item()) < 5 * 1e-8 / math.sqrt(e.numel())
+        # parameters outside the selected tensors (head, BN, biases) keep their zero gradient
+        selected = {id(p) for ps in method._groups.values() for p in ps}
+        assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters() if id(p) not in selected)

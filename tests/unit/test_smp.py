@@ -64,6 +64,29 @@ def grads_of_plain_loss(model, base_name, spec, batch, ctx, eval_bn=()):
     return {m: [p.grad.clone() for p in ps] for m, ps in ref.modality_parameters().items()}
 
 
+@pytest.mark.parametrize("name", ["joint+smp", "g2d"])
+def test_strict_scope_frozen_encoder_normalises_with_batch_statistics(name):
+    """Phase-1 fused logits equal those of the model with every encoder in train mode (batch statistics),
+    not the eval-mode output from never-updated running statistics (issue 10 item 3)."""
+    spec, model, method, ctx = setup(name, scales=(0.5, 2.0), smp_scope="strict")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ctx.epoch = 0  # phase 1: visual (higher teacher confidence) is frozen
+    batch = make_batch(spec, seed=3)
+    train_ref, eval_ref = copy.deepcopy(model), copy.deepcopy(model)
+    for b in eval_ref.encoders["visual"].modules():
+        if isinstance(b, nn.BatchNorm2d):
+            b.eval()
+    seen = []
+    hook = model.fusion.register_forward_hook(lambda mod, inp, out: seen.append(out[0].detach().clone()))
+    method.train_step(model, batch, opt, ctx)
+    hook.remove()
+    assert ctx.log["kappa_visual"][-1] == 0.0
+    with torch.no_grad():
+        want, wrong = train_ref(batch).fused, eval_ref(batch).fused
+    assert not torch.allclose(want, wrong, atol=1e-3)  # the two readings really differ on this model
+    torch.testing.assert_close(seen[0], want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name,base", [("joint+smp", "joint"), ("g2d", "g2d-nosmp")])
 @pytest.mark.parametrize("scales,frozen,live", [((0.5, 2.0), "visual", "audio"), ((2.0, 0.5), "audio", "visual")])
 def test_strict_scope_freezes_suppressed_encoder(name, base, scales, frozen, live):
@@ -81,7 +104,7 @@ def test_strict_scope_freezes_suppressed_encoder(name, base, scales, frozen, liv
     before = {m: [p.detach().clone() for p in ps] for m, ps in enc.items()}
     bufs = [opt.state[p]["momentum_buffer"].clone() for p in enc[frozen]]
     bn_before = bn_state(model.encoders[frozen])
-    ref = grads_of_plain_loss(model, base, spec, batch, ctx, eval_bn=(frozen,))
+    ref = grads_of_plain_loss(model, base, spec, batch, ctx)
     method.train_step(model, batch, opt, ctx)
 
     assert ctx.log[f"kappa_{frozen}"][-1] == 0.0 and ctx.log[f"kappa_{live}"][-1] == 1.0

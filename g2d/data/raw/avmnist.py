@@ -4,6 +4,11 @@ Layout (MultiBench / MFAS, also read by G2D): `image/{train,test}_data.npy` (N, 
 `audio/{train,test}_data.npy` (N, 112, 112), `{train,test}_labels.npy` (N,); 60,000 train / 10,000 test.
 prepare = the official loaders (G2D dataset/AVMNIST.py, MultiBench get_data.py): divide by 255, add a channel.
 Licences of the components: MNIST (CC BY-SA 3.0), FSDD (CC BY-SA 4.0), ESC-50 noise (CC BY-NC 3.0).
+No checksum is published: `fetch` records the archive's sha256 in `<raw_dir>/MANIFEST.sha256` only once it has
+passed its format check (a complete tar.gz, no HTML page) and extracted into the expected layout; a later
+mismatch says how to reset that entry. prepare re-checks the archive and the extracted files (their sha256 in
+the `.extracted` marker) before reading them, and assembles in `cache_dir` (default `data/cache/avmnist/`,
+outside every stage's output).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ class Options:
     url: str = ""            # a direct-download mirror of avmnist.tar.gz (Google Drive needs the manual step)
     sha256: str = ""         # pin the archive's sha256 (none is published; else recorded on first use)
     timeout: float = 15.0
+    cache_dir: str = ""      # assembly work area (default data/cache/avmnist: <paths.raw>/../cache/avmnist)
     val_fraction: float = 0.1
     split_seed: int = 0
     val_mode: str = "stratified"  # stratified (seeded, fraction) | multibench (train[55000:] as MultiBench)
@@ -77,23 +83,48 @@ def fetch(raw_dir: Path, opts: dict) -> Path:
     manifest = raw_dir / F.MANIFEST
     recorded = F.read_manifest(manifest).get(ARCHIVE) if manifest.is_file() else None
     want = opt.sha256.lower() or recorded
+    tofu = not opt.sha256 and recorded is not None
     if not archive.is_file():
         if not opt.url:
             raise _manual(raw_dir)
-        F.download(opt.url, archive, want, timeout=opt.timeout, how_to=str(_manual(raw_dir)))
+        F.download(opt.url, archive, want, timeout=opt.timeout, how_to=str(_manual(raw_dir)),
+                   recorded_in=manifest if tofu else None, rerun="g2d fetch avmnist")
     got = F.sha256_file(archive)
     if want and got != want:
+        reset = ("\n" + F.reset_hint(manifest, ARCHIVE, "g2d fetch avmnist")) if tofu else ""
         raise F.ChecksumMismatch(
             f"{archive}: sha256 {got} != {'pinned' if opt.sha256 else 'recorded'} {want}. The file changed since "
-            f"it was first fetched (or is truncated): delete it and fetch again, or if the new copy is intended, "
-            f"delete {manifest}.")
-    if not want:
-        F.write_manifest(manifest, {ARCHIVE: got})
-        F._log(f"avmnist: recorded sha256 {got} of {archive} in {manifest} (no published checksum)")
+            f"it was first fetched (or is truncated): delete it and fetch again." + reset)
+    if not want:  # nothing to check against: the archive must prove itself before its checksum is recorded
+        problem = F.format_problem(archive)
+        if problem:
+            raise F.CorruptRawFile(f"{archive}: {problem}; no checksum recorded in {manifest}. Delete it and "
+                                   f"download {ARCHIVE} again (see `g2d fetch avmnist`).")
     dest = F.extract(archive, raw_dir / "extracted")
     root = _find_root(dest)
     _check_layout(root)
+    if not want:
+        F.write_manifest(manifest, {ARCHIVE: got})
+        F._log(f"avmnist: recorded sha256 {got} of {archive} in {manifest} (no published checksum; it passed the "
+               f"archive check and extracted into the expected layout)")
     return root
+
+
+def reverify(raw_dir: Path, opt: Options, digests: F.DigestStore) -> None:
+    """What fetch verified, checked again before prepare trusts it: the folder's files, or the archive and the
+    tree extracted from it, against `<raw_dir>/MANIFEST.sha256` and the `.extracted` marker."""
+    manifest = raw_dir / F.MANIFEST
+    if opt.folder:
+        F.verify_fetched(manifest, Path(opt.folder).expanduser(), NAME, rels=FILES, digests=digests)
+        return
+    archive = Path(opt.archive).expanduser() if opt.archive else raw_dir / ARCHIVE
+    want = F.read_manifest(manifest).get(ARCHIVE) if manifest.is_file() else None
+    if want and archive.is_file() and digests.sha256(archive) != want:
+        raise F.ChecksumMismatch(f"{archive}: sha256 differs from {want} in {manifest}: the archive changed after "
+                                 f"`g2d fetch avmnist` verified it; prepare does not use it. Restore it and run "
+                                 f"{F.fix_hint(NAME)}.")
+    F.verify_extracted(raw_dir / "extracted", NAME, archive=archive if archive.is_file() else None, digests=digests)
+    digests.save()
 
 
 def _find_root(base: Path) -> Path:
@@ -158,6 +189,8 @@ def prepare(raw_dir: Path, out_dir: Path, opts: dict) -> Path:
         raise F.MissingRawFile(f"{raw_dir / 'extracted'}: AV-MNIST not fetched yet; run `g2d fetch avmnist` "
                                f"(it explains the manual download) or set {PREFIX}.folder.")
     _check_layout(root)
+    cache_dir = F.prepare_cache_dir(raw_dir, opt.cache_dir, out_dir=out_dir, option=f"{PREFIX}.cache_dir")
+    reverify(raw_dir, opt, F.DigestStore(cache_dir / "digests.json"))
     data = {s: _split_arrays(root, s) for s in ("train", "test")}
     ytr = data["train"][2]
     if opt.val_mode == "multibench":
@@ -167,7 +200,7 @@ def prepare(raw_dir: Path, out_dir: Path, opts: dict) -> Path:
         keep, val = stratified_split(ytr, opt.val_fraction, opt.split_seed, "classification")
         rows = {"train": keep, "val": val}
     rows["test"] = np.arange(len(data["test"][2]))
-    work = F.prepare_cache_dir(raw_dir) / f"avmnist-assembled-{os.getpid()}"
+    work = cache_dir / f"assembled-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     try:
         splits = {}

@@ -2,20 +2,27 @@
 
 Release assets (OSU-Complex-Systems/MIS-ME, tag v1) have no published names or checksums: `fetch` lists them
 through the GitHub releases API, downloads each (resumable; checked against GitHub's `digest` when the API
-gives one, else recorded in `downloads/MANIFEST.sha256` on first download and verified afterwards) and
-extracts archives atomically. Expected content (MIS-ME `config.py`): label sheets
-`combined_only_{train,val,test}_set.xlsx` (+ `OK00{1,2,3}_only_test_set.xlsx`) with columns `image`, `vwc`
-and the 8 weather features, and an image folder the `image` column is relative to.
+gives one, else recorded in `downloads/MANIFEST.sha256` on first download, once the file passes its format
+check (zip/xlsx open with valid CRCs, no HTML page), and verified afterwards) and extracts archives
+atomically. Expected content (MIS-ME `config.py`): label sheets `combined_only_{train,val,test}_set.xlsx`
+(+ `OK00{1,2,3}_only_test_set.xlsx`) with columns `image`, `vwc` and the 8 weather features, and an image
+folder the `image` column is relative to.
 
 Preprocessing (MIS-ME `data_processor.py` / `utils.py` VWC_Dataset): weather NaNs filled with the train
 column means, then standardised with the train mean and population std (sklearn StandardScaler; std 0 -> 1);
 images `PIL.convert("RGB")` and resized to 224x224 bilinear (torchvision `Resize` on PIL images), stored
 uint8 (normalise at load time with the MIS-ME dataset mean/std kept in meta). Splits are the release's.
-Decoded images are cached per file under `<raw_dir>/.cache/`, so a killed prepare resumes.
+prepare first re-checks what fetch verified (the assets against `downloads/MANIFEST.sha256`, the extracted
+files against their `.extracted` marker): a file changed since is refused, naming it and the fix (`g2d fetch
+misme` / `dvc repro fetch@misme`). Decoded images are cached per file in `cache_dir` (default
+`data/cache/misme/`, next to `paths.raw`: never inside `<raw_dir>`, the fetch stage's output), each entry valid
+only for the image's size + sha256, the recipe (image_size, resampling) and the code version (this file,
+Pillow's version), so a killed prepare resumes and a changed image is decoded again.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import urllib.error
 import urllib.request
@@ -46,7 +53,8 @@ class Options:
     image_size: int = 224
     on_bad_image: str = "error"  # error | skip (missing/corrupt images: skipped and counted in meta)
     jobs: int = 0  # image-decoding threads; 0 = min(8, cpu count)
-    keep_cache: bool = False  # keep decoded images in <raw_dir>/.cache after a successful prepare
+    keep_cache: bool = False  # keep the decoded images in cache_dir after a successful prepare
+    cache_dir: str = ""  # default data/cache/misme (<paths.raw>/../cache/misme), outside the fetch output
     timeout: float = 30.0
 
     def __post_init__(self):
@@ -124,7 +132,7 @@ def fetch(raw_dir: Path, options: dict) -> Path:
     if manual:
         F.verify_or_record(dl, [r.filename for r in manual], rerun=f"g2d fetch {NAME}")
     else:
-        F.fetch_remotes(remotes, dl, timeout=o.timeout, how_to=_how_to(raw_dir))
+        F.fetch_remotes(remotes, dl, timeout=o.timeout, how_to=_how_to(raw_dir), rerun=f"g2d fetch {NAME}")
     for r in remotes:
         if ARCHIVE.search(r.filename):
             F.extract(dl / r.filename, raw_dir / "extracted" / ARCHIVE.sub("", r.filename))
@@ -211,6 +219,24 @@ def decode_image(path: Path, size: int) -> dict[str, np.ndarray]:
     return {"image": np.ascontiguousarray(arr.transpose(2, 0, 1))}
 
 
+def code_version() -> dict[str, str]:
+    """The code the cached images depend on (part of the cache key): this file and Pillow's version."""
+    return F.code_version(__file__, libraries=("pillow", "numpy"))
+
+
+def reverify(raw_dir: Path, digests: F.DigestStore, jobs: int = 1) -> None:
+    """What fetch verified, checked again before prepare trusts it: the release assets in downloads/ against
+    downloads/MANIFEST.sha256, each extracted archive's files against its `.extracted` marker."""
+    dl = raw_dir / "downloads"
+    if (dl / F.MANIFEST).is_file():
+        F.verify_fetched(dl / F.MANIFEST, dl, NAME, digests=digests, jobs=jobs)
+    ext = raw_dir / "extracted"
+    for d in sorted(p for p in ext.iterdir() if p.is_dir()) if ext.is_dir() else []:
+        archive = next((a for a in sorted(dl.glob("*")) if ARCHIVE.search(a.name) and ARCHIVE.sub("", a.name) == d.name),
+                       None) if dl.is_dir() else None
+        F.verify_extracted(d, NAME, archive=archive, digests=digests, jobs=jobs)
+
+
 def _key(rel: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", rel) + "-" + F.params_key({"rel": rel})[:6]
 
@@ -223,6 +249,13 @@ def prepare(raw_dir: Path, out_dir: Path, options: dict) -> Path:
 
     o = F.parse_options(Options, options, PREFIX)
     raw_dir = Path(raw_dir)
+    cache_dir = F.prepare_cache_dir(raw_dir, o.cache_dir, out_dir=out_dir, option=f"{PREFIX}.cache_dir")
+    digests = F.DigestStore(cache_dir / "digests.json")
+    jobs = o.jobs or F.default_jobs()
+    if (raw_dir / ".cache").is_dir():
+        F._log(f"misme: {raw_dir / '.cache'} is a prepare cache left by an older g2d inside the fetch output; it is "
+               f"no longer used (now {cache_dir}) and can be deleted")
+    reverify(raw_dir, digests, jobs)
     sheet_dir = _sheets(raw_dir, o)
     dfs = {s: read_sheet(sheet_dir / f) for s, f in SHEETS.items()}
     root = _image_root(raw_dir, dfs["train"]["image"].iloc[0], o)
@@ -240,10 +273,10 @@ def prepare(raw_dir: Path, out_dir: Path, options: dict) -> Path:
         skipped[s]["missing_image"] = int((~present).sum())
         keep_rows[s] = np.flatnonzero(present)
     recipe = {"size": o.image_size, "resample": "PIL.BILINEAR", "mode": "RGB", "v": 1}
-    cache = F.ClipCache(raw_dir / ".cache" / f"{NAME}-{F.params_key(recipe)}")
+    cache = F.ClipCache(cache_dir / "images", params=recipe, code=code_version(), digests=digests)
     rels = sorted({dfs[s]["image"].iloc[i] for s in dfs for i in keep_rows[s]})
     ok_by_key = F.map_clips(lambda rel: decode_image(root / rel, o.image_size), [(_key(r), r) for r in rels],
-                            cache, jobs=o.jobs or F.default_jobs(), desc="misme images",
+                            cache, sources=lambda rel: [root / rel], jobs=jobs, desc="misme images",
                             skip_errors=(F.CorruptRawFile,) if o.on_bad_image == "skip" else ())
     for s, df in dfs.items():
         ok = np.array([ok_by_key[_key(df["image"].iloc[i])] for i in keep_rows[s]], bool)
@@ -261,7 +294,7 @@ def prepare(raw_dir: Path, out_dir: Path, options: dict) -> Path:
     std = filled_train.std(axis=0)
     scale = np.where(std == 0, 1.0, std)
     splits, fills = {}, {}
-    work = raw_dir / ".cache" / f"{NAME}-stack"  # memory-mapped stacking area, removed after the write
+    work = cache_dir / f"stack-{os.getpid()}"  # memory-mapped stacking area, removed after the write
     shutil.rmtree(work, ignore_errors=True)
     for s, df in dfs.items():
         rows = keep_rows[s]
@@ -281,7 +314,7 @@ def prepare(raw_dir: Path, out_dir: Path, options: dict) -> Path:
              "weather_train_std": std.tolist(), "weather_nan_filled": fills, "skipped": skipped,
              "preprocessing": {"weather": "NaN -> train mean; (x - train_mean) / train_std (population, std 0 -> 1)",
                                "image": recipe, "image_norm_mean": IMG_MEAN, "image_norm_std": IMG_STD},
-             "options": {k: v for k, v in asdict(o).items() if k not in ("timeout", "jobs", "keep_cache")}}
+             "options": {k: v for k, v in asdict(o).items() if k not in ("timeout", "jobs", "keep_cache", "cache_dir")}}
     _stations(sheet_dir, dfs["test"], keep_rows["test"], splits["test"], extra)
     try:
         out = write_prepared(Path(out_dir), Misme.spec, splits, extra)

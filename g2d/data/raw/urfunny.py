@@ -15,7 +15,8 @@ drop samples whose text is all zeros; audio `-inf` -> 0; keep steps from the fir
 truncated to the first `seq_len` steps if longer. Folds are the pickle's (speaker-independent) ones.
 
 Pickles execute code when loaded: a pickle is only unpickled after its sha256 matches a pinned
-(`sha256` option) or recorded (MANIFEST.sha256 written by `fetch` on download) checksum, or with
+(`sha256` option) or recorded (MANIFEST.sha256 written by `fetch` on download, once the file passed the pickle
+format check: protocol header, final STOP opcode, no HTML page) checksum, or with
 `allow_unverified_pickle: true`; in every case through a restricted unpickler that only admits numpy
 arrays and builtin containers.
 """
@@ -111,7 +112,8 @@ def load_pickle(path: Path, *, raw_dir: Path, pinned: str, allow_unverified: boo
             raise F.ChecksumMismatch(
                 f"{path}: sha256 {got} != expected {expected} (from {source}). The file is corrupt, truncated "
                 f"or a different release: delete it and run `{rerun}` again, or, if this file is the one you "
-                f"mean to use, set {prefix}.sha256: {got} (and delete the stale entry in {manifest}).")
+                f"mean to use, set {prefix}.sha256: {got} (and delete the stale entry in {manifest})."
+                + ("" if pinned else "\n" + F.reset_hint(manifest, key, rerun)))
     elif not allow_unverified:
         raise F.RawDataError(
             f"{path}: refusing to unpickle a file with no pinned or recorded checksum (pickles can execute "
@@ -204,7 +206,8 @@ def fetch(raw_dir: Path, options: dict) -> Path:
     if o.source == "sdk_v2":
         dl = raw_dir / "downloads"
         F.fetch_remotes([F.Remote(o.sdk_url, SDK_ZIP, o.sha256 or None)], dl, timeout=o.timeout,
-                        how_to=f"Or download {o.sdk_url} by hand and save it as {dl / SDK_ZIP}.")
+                        how_to=f"Or download {o.sdk_url} by hand and save it as {dl / SDK_ZIP}.",
+                        rerun=f"g2d fetch {NAME}")
         if not zipfile.is_zipfile(dl / SDK_ZIP):  # e.g. an HTML page: drop it and its recorded checksum
             (dl / SDK_ZIP).unlink()
             rec = F.read_manifest(dl / F.MANIFEST) if (dl / F.MANIFEST).is_file() else {}
@@ -221,7 +224,7 @@ def fetch(raw_dir: Path, options: dict) -> Path:
         return raw_dir
     if o.url:
         F.fetch_remotes([F.Remote(o.url, o.filename, o.sha256 or None)], raw_dir, timeout=o.timeout,
-                        how_to=str(_how_to(raw_dir, o)))
+                        how_to=str(_how_to(raw_dir, o)), rerun=f"g2d fetch {NAME}")
     elif not (raw_dir / o.filename).is_file():
         raise _how_to(raw_dir, o)
     _load(raw_dir, o)  # verifies the pin / manifest (or honours the opt-out) and the layout
@@ -249,7 +252,7 @@ def _extract_zip(archive: Path, dest: Path) -> Path:
     if "/" not in names:
         return F.extract(archive, dest)
     digest = F.sha256_file(archive)
-    if (dest / ".extracted").is_file() and (dest / ".extracted").read_text().strip() == digest:
+    if F.marker_digest(dest) == digest:
         return dest
     tmp = dest.with_name(f".{dest.name}.extract-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -262,7 +265,7 @@ def _extract_zip(archive: Path, dest: Path) -> Path:
                 if p.is_absolute() or ".." in p.parts:
                     raise F.CorruptRawFile(f"{archive}: member {m.filename!r} escapes the target directory")
             z.extractall(tmp, members)
-        (tmp / ".extracted").write_text(digest + "\n")
+        F.write_extract_marker(tmp, digest)
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

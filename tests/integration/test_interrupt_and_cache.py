@@ -1,0 +1,149 @@
+"""Issue 16: training stages restore from DVC's run-cache; Ctrl-C stops a stage at once and keeps finished
+runs; the parent's non-TTY progress output is one line per run."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.pipeline_project import make_project, run
+
+
+def _outs(project: Path, *folders: str) -> dict[str, bytes]:
+    return {p.relative_to(project).as_posix(): p.read_bytes()
+            for f in folders for p in sorted((project / f).rglob("*")) if p.is_file()}
+
+
+def _set_temperature(project: Path, value) -> None:
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    if value is None:
+        params["methods"]["g2d"].pop("temperature", None)
+    else:
+        params["methods"]["g2d"]["temperature"] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_returning_to_earlier_params_restores_from_run_cache(tmp_path):
+    project = make_project(tmp_path / "p")
+    run([sys.executable, "-m", "dvc", "repro"], project)
+    first = _outs(project, "data/runs/main/g2d", "reports/runs/main/g2d", "data/runs/teachers")
+    assert any(k.endswith("selected.pt") for k in first) and not any("ckpt.pt" in k for k in first)
+
+    _set_temperature(project, 2.0)
+    changed = run([sys.executable, "-m", "dvc", "repro"], project).stdout
+    assert "Running stage 'main@g2d'" in changed and "Running stage 'main@joint'" not in changed
+
+    _set_temperature(project, None)
+    back = run([sys.executable, "-m", "dvc", "repro"], project).stdout
+    assert "Running stage 'main@g2d'" not in back, back
+    assert "Stage 'main@g2d' is cached - skipping run" in back, back
+    assert _outs(project, "data/runs/main/g2d", "reports/runs/main/g2d", "data/runs/teachers") == first
+
+    again = run([sys.executable, "-m", "dvc", "repro"], project).stdout
+    assert "Running stage 'main@" not in again and "Running stage 'teacher@" not in again
+    status = run([sys.executable, "-m", "dvc", "status"], project).stdout
+    stale = [li for li in status.splitlines() if li.strip() and li.strip() not in ("codehash:", "always changed")]
+    assert not stale, status
+
+
+# ---- SIGINT / SIGTERM ---------------------------------------------------------------------------------------
+SEEDS = "suite.seeds=[0,1,2,3,4,5,6,7]"
+FIVE = "suite.seeds=[0,1,2,3,4]"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    project = make_project(tmp_path_factory.mktemp("sig"))
+    run([sys.executable, "-m", "dvc", "repro", "-q", "prepare@cremad"], project)
+    return project
+
+
+def _train_cmd(runs: str, seeds: str = SEEDS) -> list[str]:
+    return [sys.executable, "-m", "g2d.cli", "train", "method=joint", "--group", "main", "--all-seeds", seeds,
+            "trainer.epochs=6", "workers=2", f"paths.runs={runs}"]
+
+
+def _env(project: Path) -> dict:
+    # DVC_STAGE: as under `dvc repro` (trains in the scratch area data/cache/<runs>, shows the stage name)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(project), "DVC_NO_ANALYTICS": "1",
+            "DVC_STAGE": "main@joint"}
+
+
+def _metrics(runs: Path) -> dict[int, dict]:
+    out = {}
+    for p in sorted((runs / "main/joint/joint-cremad").glob("s*/metrics.json")):
+        m = json.loads(p.read_text())
+        out[m["seed"]] = {"selection": m["selection"], "params_hash": m["params_hash"]}
+    return out
+
+
+def _interrupt_after_first_run(project: Path, runs: str, sig: int):
+    p = subprocess.Popen(_train_cmd(runs), cwd=project, env=_env(project), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    t = threading.Thread(target=lambda: err.extend(p.stderr), daemon=True)
+    t.start()
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if re.match(r"\[g2d\] joint-cremad seed \d+: ", line):
+            break
+    sent = time.monotonic()
+    p.send_signal(sig)
+    out += p.stdout.readlines()
+    rc = p.wait(timeout=30)
+    took = time.monotonic() - sent
+    t.join(5)
+    return rc, took, "".join(out), "".join(err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_at_once_and_rerun_keeps_finished_runs(prepared, sig):
+    runs = f"data/runs-{sig.name}"
+    rc, took, out, err = _interrupt_after_first_run(prepared, runs, sig)
+    lines = [li for li in err.splitlines() if re.fullmatch(r"\[g2d\] interrupted; \d+ runs finished, \d+ will "
+                                                            r"resume", li)]
+    assert rc == 128 + sig and took < 3.0, (rc, took, err)
+    print(f"{sig.name}: exit {rc} after {took:.2f}s; {lines}")
+    assert len(lines) == 1 and "Traceback" not in err + out, err
+    n, m = map(int, re.findall(r"(\d+) (?:runs|will)", lines[0]))
+    assert n >= 1 and n + m == 8
+    finished = {seed: (prepared / runs / f"main/joint/joint-cremad/s{seed}/metrics.json")
+                for seed in _metrics(prepared / runs)}
+    assert len(finished) == n
+    stamp = {s: (p.stat().st_mtime_ns, p.read_bytes()) for s, p in finished.items()}
+    assert not list((prepared / runs).rglob("ckpt.pt")), "checkpoints belong in the scratch area"
+
+    res = subprocess.run(_train_cmd(runs), cwd=prepared, env=_env(prepared), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {s: (p.stat().st_mtime_ns, p.read_bytes()) for s, p in finished.items()} == stamp
+    kept = [li for li in res.stdout.splitlines() if "[kept: already trained]" in li]
+    assert sorted(int(re.search(r"seed (\d+)", li).group(1)) for li in kept) == sorted(finished)
+    if sig == signal.SIGINT:  # uninterrupted reference run (fresh runs + scratch folders)
+        ref = subprocess.run(_train_cmd("data/runs-ref"), cwd=prepared, env=_env(prepared), capture_output=True,
+                             text=True, timeout=600)
+        assert ref.returncode == 0, ref.stderr[-3000:]
+        assert _metrics(prepared / runs) == _metrics(prepared / "data/runs-ref")
+        assert len(_metrics(prepared / runs)) == 8
+
+
+def test_non_tty_progress_is_one_line_per_run(prepared):
+    res = subprocess.run(_train_cmd("data/runs-progress", FIVE), cwd=prepared,
+                         env=_env(prepared), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "\r" not in res.stdout + res.stderr
+    per_run = [li for li in res.stdout.splitlines() if re.fullmatch(r"\[g2d\] joint-cremad seed \d: test acc "
+                                                                    r"[\d.]+ .*\[\d/5\]", li)]
+    assert len(per_run) == 5 and sorted(li[-4:-3] for li in per_run) == list("12345"), res.stdout
+    assert res.stdout.splitlines()[-1].startswith("[g2d] main@joint: 5 runs done (5 trained, 0 kept) in "), res.stdout
