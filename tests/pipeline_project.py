@@ -38,6 +38,8 @@ def make_project(dest: Path, edit=None, small: bool = True) -> Path:
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "init"], dest)
     run([sys.executable, "-m", "dvc", "init", "-q"], dest)
     run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], dest)
+    shutil.copytree(ROOT / ".dvc/plots", dest / ".dvc/plots")  # the offline plots page and chart template
+    run([sys.executable, "-m", "dvc", "config", "plots.html_template", "plots/offline.html"], dest)
     return dest
 
 

@@ -36,6 +36,10 @@ SYNTAX_ONLY = {
 SYNTAX_ONLY_PREFIX = {
     "python3 -m venv .venv && . .venv/bin/activate && pip install torch":
         "creates a venv and installs from PyTorch's CPU wheel index (network, minutes)",
+    "dvc exp ": "runs or compares experiments (retrains stages); exercised by tests/integration/test_dvc_ux.py",
+    "dvc plots ": "exercised by tests/integration/test_dvc_ux.py (offline template, titles)",
+    "dvc metrics ": "exercised by tests/integration/test_dvc_ux.py (headline keys)",
+    "git checkout ": "restores the workspace's params.yaml; a git operation on the repository itself",
 }
 # what a runnable command may start with: the rest (another program) must be classified above first
 RUNNABLE = re.compile(r"(g2d|dvc repro|dvc status|dvc dag|python -m g2d)\b")

@@ -33,6 +33,10 @@ def _set_temperature(project: Path, value) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 16 item 1, open: DVC 3.x skips the run-cache for any stage with a "
+                   "non-metric `cache: false` output (the committed reports/runs summaries); they must move to "
+                   "metrics/plots outputs first")
 def test_returning_to_earlier_params_restores_from_run_cache(tmp_path):
     project = make_project(tmp_path / "p")
     run([sys.executable, "-m", "dvc", "repro"], project)
