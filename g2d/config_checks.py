@@ -190,8 +190,8 @@ def check_real_blocks(out: Schema, params: Path) -> None:
             continue
         try:
             mod = registry.get_dataset(name)(None)._raw()
-        except NotImplementedError:
-            continue
+        except NotImplementedError as e:  # a `real:` block for a dataset without real-data code
+            raise ConfigError(f"{params}: datasets.{name}.real: {e}; remove the block") from None
         parse = getattr(mod, "options", None) or (lambda o, m=mod: parse_options(m.Options, o, m.PREFIX))
         try:
             parse(dict(real))

@@ -115,6 +115,19 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
+def raw_serve(handler):
+    """Run an http.server handler on 127.0.0.1 (random port) in a thread; yields the base URL."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@contextlib.contextmanager
 def raw_http_server(root: Path, cut_after: int | None = None):
     """Serve `root` on 127.0.0.1 (random port) in a thread; yields (base_url, handler class with .log)."""
     handler = type("H", (_RangeHandler,), {"cut_after": cut_after, "log": []})
@@ -122,14 +135,22 @@ def raw_http_server(root: Path, cut_after: int | None = None):
     def make(*a, **kw):
         return handler(*a, directory=str(root), **kw)
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", handler
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    with raw_serve(make) as url:
+        yield url, handler
+
+
+def raw_targz_bytes(files: dict[str, bytes]) -> bytes:
+    """A .tar.gz archive in memory holding `files` (member name -> bytes)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as t:
+        for name, b in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(b)
+            t.addfile(info, io.BytesIO(b))
+    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------- CREMA-D

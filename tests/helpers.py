@@ -46,3 +46,24 @@ def write_tiny_cremad(out_dir: Path, n=(24, 8, 12), seed: int = 0, signal: float
         splits[split] = {"audio": a, "visual": v, "label": y.astype(np.int64),
                          "index": np.arange(size, dtype=np.int64)}
     return write_prepared(out_dir, spec, splits, {"source": "standin"})
+
+
+def killed_during(monkeypatch, train, eval_call: int) -> None:
+    """Run `train()` killed (KeyboardInterrupt) at the trainer's `eval_call`-th evaluation, then restore the
+    trainer. Two evaluations per epoch (val, test): 5 = epoch 2's val, so epochs 0 and 1 are checkpointed."""
+    import pytest
+
+    from g2d.train.trainer import Trainer
+
+    calls, orig = {"n": 0}, Trainer.evaluate
+
+    def crash(self, model, split):
+        calls["n"] += 1
+        if calls["n"] == eval_call:
+            raise KeyboardInterrupt("simulated kill")
+        return orig(self, model, split)
+
+    monkeypatch.setattr(Trainer, "evaluate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    monkeypatch.setattr(Trainer, "evaluate", orig)

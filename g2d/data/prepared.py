@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -34,7 +35,7 @@ from g2d.data.base import DatasetSpec, ModalitySpec
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 2  # 2: meta.json records shape/dtype/sha256 of every array (`arrays`)
 HASH_CHECK_MAX_BYTES = 256 << 20  # Prepared() hashes every array on open up to this total size
-_TMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+TMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)(?:-\d+)?\.tmp$")  # `.<name>.<pid>[-<thread>].tmp`
 
 
 class PreparedError(RuntimeError):
@@ -60,7 +61,7 @@ def clean_stale_tmp(folder: Path, name: str | None = None) -> list[Path]:
     if not folder.is_dir():
         return removed
     for p in folder.glob(f".{glob.escape(name)}.*.tmp" if name else ".*.tmp"):
-        m = _TMP_FILE.match(p.name)
+        m = TMP_FILE.match(p.name)
         if not m or (name and m["name"] != name) or not p.is_file():
             continue
         pid = int(m["pid"])
@@ -74,22 +75,35 @@ def clean_stale_tmp(folder: Path, name: str | None = None) -> list[Path]:
     return removed
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via `.<name>.<pid>.tmp` + rename; a dead writer's temp file of the same name is removed first,
-    and a failed write (full disk) leaves none."""
+def temp_path(path: Path) -> Path:
+    """The temp file a writer of `path` uses: `.<name>.<pid>.tmp` (plus the thread id off the main thread, so
+    threads never share one); `clean_stale_tmp` removes those of dead writers."""
+    path = Path(path)
+    tid = "" if threading.current_thread() is threading.main_thread() else f"-{threading.get_ident()}"
+    return path.with_name(f".{path.name}.{os.getpid()}{tid}.tmp")
+
+
+def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
+    """Write via a temp file + rename; a dead writer's temp file of the same name is removed first, and a
+    failed write (full disk) leaves none. `fsync=False` for rebuildable caches, where durability costs time."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(path.parent, path.name)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from g2d.data.prepared import clean_stale_tmp, file_sha256, pid_alive  # noqa: F401 (re-exported)
+from g2d.data.prepared import TMP_FILE, atomic_write_bytes, clean_stale_tmp, file_sha256, pid_alive, temp_path
 
 SUFFIX = ".sha256"
-_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 
 
 class CheckpointError(OSError):
@@ -59,21 +58,6 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a small file atomically (temp file, fsync, rename); no temp file survives an error."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 _PLAIN = (int, float, bool, str, bytes, type(None))
@@ -115,14 +99,14 @@ def atomic_save(obj, path: Path) -> str:
     clean_stale_tmp(path.parent, path.name)
     clean_stale_tmp(path.parent, sidecar(path).name)
     obj = plain(obj, path.name)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         digest = file_sha256(tmp)
-        write_bytes_atomic(sidecar(path), f"{digest}  {path.name}\n".encode())  # commit
+        atomic_write_bytes(sidecar(path), f"{digest}  {path.name}\n".encode())  # commit
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -154,7 +138,7 @@ def roll_forward(path: Path, want: str | None = None) -> bool:
     if want is None:
         return False
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        m = _TMP.match(tmp.name)
+        m = TMP_FILE.match(tmp.name)
         if (m and m["name"] == path.name and tmp.is_file() and not pid_alive(int(m["pid"]))
                 and file_sha256(tmp) == want):
             os.replace(tmp, path)

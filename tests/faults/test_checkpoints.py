@@ -24,7 +24,7 @@ from g2d.runs import prepared_dir, train_group
 from g2d.train import checkpoint
 from g2d.train.checkpoint import CheckpointError
 from g2d.train.trainer import SELECTED, RunSpec, Trainer
-from tests.helpers import ROOT, TINY_MODEL, tiny_config, tmp_params, write_tiny_cremad
+from tests.helpers import ROOT, TINY_MODEL, killed_during, tiny_config, tmp_params, write_tiny_cremad
 
 EPOCHS = 4
 
@@ -61,18 +61,7 @@ def _outcome(run_dir: Path) -> dict:
 
 def _crash_after_epoch_1(cfg, monkeypatch, name) -> Path:
     """A run killed in epoch 2: ckpt.pt holds epoch 1."""
-    calls, orig = {"n": 0}, Trainer.evaluate
-
-    def crash(self, model, split):
-        calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2's val evaluation
-            raise KeyboardInterrupt("simulated kill")
-        return orig(self, model, split)
-
-    monkeypatch.setattr(Trainer, "evaluate", crash)
-    with pytest.raises(KeyboardInterrupt):
-        _run(cfg, name)
-    monkeypatch.setattr(Trainer, "evaluate", orig)
+    killed_during(monkeypatch, lambda: _run(cfg, name), eval_call=5)  # epoch 2's val evaluation
     run_dir = Path(cfg.paths.runs) / name / "s0"
     assert checkpoint.load(run_dir / "ckpt.pt")["epoch"] == 1
     return run_dir

@@ -9,7 +9,6 @@ import io
 import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import zipfile
@@ -20,7 +19,8 @@ import pytest
 
 from g2d.data.raw import avmnist, cremad, misme, urfunny
 from g2d.data.raw import fetching as F
-from tests.fixtures_raw import raw_avmnist_tree, raw_cremad_rows, raw_cremad_tree, raw_http_server, raw_targz
+from tests.fixtures_raw import (raw_avmnist_tree, raw_cremad_rows, raw_cremad_tree, raw_http_server, raw_serve,
+                                raw_targz, raw_targz_bytes)
 from tests.fixtures_raw_affect import write_misme_raw, write_urfunny_pickle
 
 HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Quota exceeded</body></html>\n"
@@ -65,15 +65,11 @@ def trickle_server(data: bytes, fast: int, gap: float = 0.5, max_s: float = 8.0,
             except OSError:  # the client gave up
                 pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    th = threading.Thread(target=srv.serve_forever, daemon=True)
-    th.start()
     try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}", served
+        with raw_serve(H) as url:
+            yield url, served
     finally:
         stop.set()
-        srv.shutdown()
-        srv.server_close()
 
 
 @contextlib.contextmanager
@@ -197,16 +193,6 @@ def test_server_that_accepts_and_never_answers_is_reported_as_such(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- (d) truncated archive
-def _tar_gz(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as t:
-        for name, b in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(b)
-            t.addfile(info, io.BytesIO(b))
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("name", ["data.tar.gz", "data.zip"])
 def test_truncated_first_download_of_unpinned_archive_is_rejected(tmp_path, name):
     site = tmp_path / "site"
@@ -219,7 +205,7 @@ def test_truncated_first_download_of_unpinned_archive_is_rejected(tmp_path, name
                 z.writestr(n, b)
         good = buf.getvalue()
     else:
-        good = _tar_gz(files)
+        good = raw_targz_bytes(files)
     (site / name).write_bytes(good[: len(good) * 2 // 3])  # the server itself holds a cut copy
     raw = tmp_path / "raw"
     with raw_http_server(site) as (url, _):
@@ -267,7 +253,7 @@ def test_wrong_recorded_checksum_can_be_reset_as_the_message_says(tmp_path):
     the message gives the reset command, and following it records the genuine file without a re-download."""
     site = tmp_path / "site"
     site.mkdir()
-    genuine = _tar_gz({"x/y.bin": _blob(20_000, 5)})
+    genuine = raw_targz_bytes({"x/y.bin": _blob(20_000, 5)})
     (site / "rel.tar.gz").write_bytes(genuine)
     raw = tmp_path / "raw"
     F.write_manifest(raw / F.MANIFEST, {"rel.tar.gz": _sha(HTML)})  # trust on first use of an HTML page

@@ -17,7 +17,7 @@ from g2d.data.transforms import Augment, InputPipeline, crop_resize, rrc_boxes
 from g2d.registry import get_dataset
 from g2d.runs import prepared_dir
 from g2d.train.trainer import RunSpec, Trainer
-from tests.helpers import tiny_config
+from tests.helpers import killed_during, tiny_config
 
 RRC = {"datasets.cremad.augment.visual.recipe=rrc_flip"}
 
@@ -218,19 +218,7 @@ def test_training_batches_are_augmented_and_teachers_see_the_same_batch(tmp_path
 def test_resume_with_augmentation_is_bit_identical(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, sorted(RRC))
     full = _fit(cfg, "full")
-    calls = {"n": 0}
-    orig = Trainer.evaluate
-
-    def crash(self, model, split):
-        calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2's val eval: epochs 0 and 1 are checkpointed
-            raise KeyboardInterrupt("simulated kill")
-        return orig(self, model, split)
-
-    monkeypatch.setattr(Trainer, "evaluate", crash)
-    with pytest.raises(KeyboardInterrupt):
-        _fit(cfg, "crash")
-    monkeypatch.setattr(Trainer, "evaluate", orig)
+    killed_during(monkeypatch, lambda: _fit(cfg, "crash"), eval_call=5)  # epochs 0 and 1 are checkpointed
     resumed = _fit(cfg, "crash")
     assert resumed["selection"] == full["selection"]
     h1 = pd.read_csv(Path(cfg.paths.runs) / "full/s0/history.csv").drop(columns="time_s")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import io
 import socket
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from g2d.data.raw import fetching as F
-from tests.fixtures_raw import raw_http_server
+from tests.fixtures_raw import raw_http_server, raw_targz_bytes
 
 
 def _blob(n=300_000, seed=0) -> bytes:
@@ -128,19 +127,9 @@ def test_verify_and_verify_or_record(tmp_path):
     assert isinstance(e.value, FileNotFoundError)  # the CLI already prints FileNotFoundError cleanly
 
 
-def _targz(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as t:
-        for name, b in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(b)
-            t.addfile(info, io.BytesIO(b))
-    return buf.getvalue()
-
-
 def test_extract_atomic_idempotent_and_safe(tmp_path):
     arc = tmp_path / "a.tar.gz"
-    arc.write_bytes(_targz({"avmnist/x.npy": b"123", "avmnist/y.npy": b"45"}))
+    arc.write_bytes(raw_targz_bytes({"avmnist/x.npy": b"123", "avmnist/y.npy": b"45"}))
     dest = F.extract(arc, tmp_path / "out", expect=["avmnist/x.npy"])
     assert (dest / "avmnist" / "x.npy").read_bytes() == b"123"
     stamp = (dest / "avmnist" / "x.npy").stat().st_mtime_ns
@@ -150,7 +139,7 @@ def test_extract_atomic_idempotent_and_safe(tmp_path):
         F.extract(arc, tmp_path / "out2", expect=["avmnist/z.npy"])
     assert not (tmp_path / "out2").exists()
     evil = tmp_path / "evil.tar.gz"
-    evil.write_bytes(_targz({"../escape.txt": b"x"}))
+    evil.write_bytes(raw_targz_bytes({"../escape.txt": b"x"}))
     with pytest.raises(F.CorruptRawFile, match="escapes"):
         F.extract(evil, tmp_path / "out3")
     trunc = tmp_path / "t.tar.gz"
@@ -223,7 +212,7 @@ def test_format_problem_per_format(tmp_path):
     assert "HTML page" in w("a.pkl", html) and "HTML page" in w("a.bin", html) and w("a.html", html) is None
     pk = pickle.dumps({"x": np.arange(3)}, protocol=4)
     assert w("ok.pkl", pk) is None and "STOP" in w("cut.pkl", pk[:-5])
-    tg = _targz({"a/x.bin": _blob(40_000)})
+    tg = raw_targz_bytes({"a/x.bin": _blob(40_000)})
     assert w("ok.tar.gz", tg) is None and "truncated" in w("cut.tar.gz", tg[: len(tg) // 2])
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:

@@ -15,7 +15,7 @@ from g2d.models.model import MultimodalModel
 from g2d.runs import prepared_dir
 from g2d.train import checkpoint
 from g2d.train.trainer import RunSpec, Trainer
-from tests.helpers import tiny_config, write_tiny_cremad
+from tests.helpers import killed_during, tiny_config, write_tiny_cremad
 
 torch.set_num_threads(1)
 
@@ -303,22 +303,11 @@ def test_trainer_resume_with_unimodal_heads_is_bit_identical(tmp_path, monkeypat
     cfg = tiny_config(tmp_path, ["trainer.epochs=3", "trainer.batch_size=8"])
     write_tiny_cremad(prepared_dir(cfg, "cremad"))
     full, full_dir = _trainer_run(cfg, "full")
-    orig, calls = Trainer.evaluate, {"n": 0}
-
-    def crash(self, model, split):
-        calls["n"] += 1
-        if calls["n"] == 3:  # epoch 1's val eval: epoch 0 is checkpointed
-            raise KeyboardInterrupt("simulated kill")
-        return orig(self, model, split)
-
-    monkeypatch.setattr(Trainer, "evaluate", crash)
-    with pytest.raises(KeyboardInterrupt):
-        _trainer_run(cfg, "crash")
+    killed_during(monkeypatch, lambda: _trainer_run(cfg, "crash"), eval_call=3)  # epoch 0 is checkpointed
     run_dir = Path(cfg.paths.runs) / "crash" / "s0"
     ckpt = checkpoint.load(run_dir / "ckpt.pt")
     assert ckpt["epoch"] == 0
     assert {k.split(".")[1] for k in ckpt["model"] if k.startswith("aux.")} == {"audio", "visual"}
-    monkeypatch.setattr(Trainer, "evaluate", orig)
     resumed, _ = _trainer_run(cfg, "crash")
     assert resumed["selection"] == full["selection"]
     h1 = pd.read_csv(full_dir / "history.csv").drop(columns="time_s")

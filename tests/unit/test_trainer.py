@@ -10,7 +10,7 @@ from g2d.methods.joint import Joint
 from g2d.runs import prepared_dir, train_group
 from g2d.train import checkpoint
 from g2d.train.trainer import RunSpec, Trainer
-from tests.helpers import tiny_config, write_tiny_cremad
+from tests.helpers import killed_during, tiny_config, write_tiny_cremad
 
 
 def _setup(tmp_path, overrides=()):
@@ -61,21 +61,9 @@ def test_same_seed_identical_metrics(tmp_path):
 def test_resume_after_crash_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = _setup(tmp_path)
     full, _ = _run(cfg, name="full")
-    calls = {"n": 0}
-    orig = Trainer.evaluate
-
-    def crash(self, model, split):
-        calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2's val eval: epochs 0 and 1 are checkpointed
-            raise KeyboardInterrupt("simulated kill")
-        return orig(self, model, split)
-
-    monkeypatch.setattr(Trainer, "evaluate", crash)
-    with pytest.raises(KeyboardInterrupt):
-        _run(cfg, name="crash")
+    killed_during(monkeypatch, lambda: _run(cfg, name="crash"), eval_call=5)  # epochs 0 and 1 are checkpointed
     run_dir = Path(cfg.paths.runs) / "crash/s0"
     assert checkpoint.load(run_dir / "ckpt.pt")["epoch"] == 1
-    monkeypatch.setattr(Trainer, "evaluate", orig)
     resumed, _ = _run(cfg, name="crash")
     assert _strip(resumed)["selection"] == _strip(full)["selection"]
     h1 = pd.read_csv(Path(cfg.paths.runs) / "full/s0/history.csv").drop(columns="time_s")

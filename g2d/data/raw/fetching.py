@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from g2d.data.prepared import atomic_write_bytes  # noqa: F401 (the one atomic writer; F.atomic_write_bytes)
+
 MANIFEST = "MANIFEST.sha256"
 CHUNK = 1 << 20
 STALL_TIMEOUT = 60.0  # s: a transfer slower than MIN_RATE over this window is stopped (partial file kept)
@@ -736,14 +738,6 @@ def run_tool(cmd: Sequence[str], *, cwd: Path | None = None, how_to: str = "", e
 
 
 # ----------------------------------------------------------------------------------------------- prepare helpers
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def prepare_cache_dir(raw_dir: Path, cache_dir: str | Path = "", *, out_dir: Path | None = None,
                       option: str = "cache_dir") -> Path:
     """A dataset's cache folder (per-clip results, file digests, assembly work areas): outside every stage's
@@ -867,7 +861,7 @@ class ClipCache:
             np.savez(buf, __skip__=np.array(reason), __entry__=np.array(json.dumps(rec)))
         else:
             np.savez(buf, **arrays, __entry__=np.array(json.dumps(rec)))
-        atomic_write_bytes(self.path(key), buf.getvalue())
+        atomic_write_bytes(self.path(key), buf.getvalue(), fsync=False)  # a cache: rebuilt if lost
 
     def skip_reason(self, key: str) -> str | None:
         with np.load(self.path(key), allow_pickle=False) as z:
