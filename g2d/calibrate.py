@@ -1,14 +1,14 @@
-"""Calibrate the embedded stand-ins, method-agnostically (method and results: reports/calibration.md).
+"""Calibrate the embedded stand-ins, method-agnostically (targets, checks, knob search).
 
-For each dataset: generate the stand-in, train every unimodal teacher and Joint-Train for each
-seed through the normal Trainer, and compare test figures (best-validation epoch) with the
-published teacher / Joint-Train numbers. No imbalance method is ever run or looked at.
+`g2d calibrate` (the `calibrate` DVC stage) writes reports/calibration.md from the suite's own teacher and
+Joint-Train runs (g2d/report/calibration.py: targets, Bayes ceilings, the teachers' train-batch confidence
+with and without augmentation, power per claim). No imbalance method is ever used to judge a stand-in.
 
-    g2d calibrate [--datasets cremad ...] [--seeds 0 1 2] [--out reports/calibration.md]
-                            [--work data/calibration] [key=value overrides ...]
+`g2d calibrate --train` is the knob search: for each dataset it generates the stand-in, trains every unimodal
+teacher and Joint-Train for each seed through the normal Trainer, and compares test figures with the published
+teacher / Joint-Train numbers, writing data/calibration/calibration.md (Hydra overrides for experiments):
 
-It runs with params.yaml as committed (the embedded `trainer:`/`model:` settings and per-dataset
-overrides are the calibrated ones); extra Hydra overrides can be given for experiments.
+    g2d calibrate --train [--datasets cremad ...] [--seeds 0 1 2] [--work data/calibration] [key=value ...]
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def _metric(task: str) -> str:
 def calibrate_dataset(name: str, seeds: list[int], overrides: list[str] = (), params: str = "params.yaml",
                       work: Path = Path("data/calibration"), standin: dict | None = None,
                       verbose: bool = True) -> dict:
-    """Teachers + Joint-Train on the stand-in of `name`; returns per-run best-val test figures and cost."""
+    """Teachers + Joint-Train on the stand-in of `name`; per-run test figures (trainer.select) and cost."""
     from g2d.runs import prepared_dir, train_group
 
     cfg = C.load_config([*overrides, f"dataset={name}", "method=joint"], params)
@@ -136,7 +136,7 @@ def calibrate_dataset(name: str, seeds: list[int], overrides: list[str] = (), pa
             train_group, mcfg, method, name, list(seeds), modality)
         cost.setdefault("teacher" if modality else "joint", []).append((time.perf_counter() - t0) / len(seeds))
         for res in results:
-            test = res["selection"]["best_val"]["test"]
+            test = res["selection"][cfg.trainer.select]["test"]
             if modality:
                 rows.append({"role": "teacher", "modality": modality, "seed": res["seed"], "value": test[metric]})
             else:
@@ -227,7 +227,7 @@ def render_markdown(table: pd.DataFrame) -> str:
         "**These are generated stand-ins, not the real datasets.** Each embedded dataset is synthesised by",
         "`g2d/data/standin.py` with per-modality informativeness and learnability knobs, calibrated once,",
         "method-agnostically, against the published unimodal-teacher and Joint-Train figures only (no",
-        "imbalance method was run or looked at). Figures: test at the best-validation epoch, mean +- std",
+        "imbalance method was run or looked at). Figures: test at the trainer.select epoch, mean +- std",
         "over seeds; targets are the published numbers (official protocol: best test epoch, real data),",
         "so only orders of magnitude and the imbalance pattern are comparable.",
         "Regenerate with `python -m g2d.calibrate` (`g2d calibrate`); run costs are wall seconds per",
@@ -301,13 +301,15 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="slow: it trains every teacher and Joint-Train of each dataset and seed "
                                         "(the tests run it under `-m slow`).")
-    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS, metavar="DATASET",
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS, metavar="DATASET",  # --train
                     help=f"datasets to calibrate (default: all of {', '.join(DATASETS)})")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
-    ap.add_argument("--out", type=Path, default=Path("reports/calibration.md"),
-                    help="Markdown report (default: reports/calibration.md)")
-    ap.add_argument("--csv", type=Path, default=Path("reports/tables/calibration.csv"),
-                    help="measured figures (default: reports/tables/calibration.csv)")
+    ap.add_argument("--train", action="store_true",
+                    help="knob search: train teachers + Joint-Train into --work and report there")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="--train report (default: <work>/calibration.md)")
+    ap.add_argument("--csv", type=Path, default=None,
+                    help="--train figures (default: <work>/calibration.csv)")
     ap.add_argument("--work", type=Path, default=Path("data/calibration"),
                     help="prepared data + runs go here (default: data/calibration)")
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -315,6 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="Hydra overrides of params.yaml, e.g. trainer.num_threads=1 (before or after the flags)")
     args = ap.parse_intermixed_args(argv)
+    args.out = args.out or args.work / "calibration.md"
+    args.csv = args.csv or args.work / "calibration.csv"
+    if not args.train and not args.render_only:
+        from g2d.report.calibration import write
+
+        cfg = C.load_config(list(args.overrides), args.params)
+        for p in write(cfg, Path(cfg.paths.reports)):
+            print(f"[g2d] wrote {p}")
+        return 0
     if args.render_only:
         args.out.write_text(render_markdown(pd.read_csv(args.csv)))
         print(f"[calibrate] wrote {args.out}")

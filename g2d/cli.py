@@ -43,7 +43,7 @@ TRAIN_HELP = """\
 The run is chosen by overrides of params.yaml (defaults: its `method`, `dataset`, `seed`):
   method=NAME    a registered method or variant (`g2d list`), e.g. method=g2d
   dataset=NAME   a dataset or view, e.g. dataset=cremad
-  seed=N         one seed (--all-seeds: every seed of suite.seeds)
+  seed=N         one seed (--all-seeds: every seed of suite.seeds, or suite.dataset_seeds.<dataset>)
 examples:
   g2d train method=g2d dataset=cremad seed=1 trainer.epochs=5
   g2d train --all-seeds --group main method=joint --summary reports/runs
@@ -108,8 +108,8 @@ def cmd_codehash(args) -> None:
     print(f"[g2d] code fingerprints for {len(paths)} methods in data/code/")
 
 
-def _seeds(args, cfg) -> list[int]:
-    return list(cfg.suite.seeds) if args.all_seeds else [cfg.seed]
+def _seeds(args, cfg, dataset: str) -> list[int]:
+    return C.suite_seeds(cfg, dataset) if args.all_seeds else [cfg.seed]
 
 
 def _no_prepare_keys(args) -> None:
@@ -123,7 +123,7 @@ def _no_prepare_keys(args) -> None:
                                 f"in {args.params}), then {args.cmd} without it")
 
 
-def _preflight(cfg: C.Schema, args, pairs: list[tuple[str, str, str | None]], seeds: list[int]) -> None:
+def _preflight(cfg: C.Schema, args, pairs: list[tuple[str, str, str | None]], seeds: dict[str, list[int]]) -> None:
     """Everything a run checks before its first write, for every run of the command (a later run's bad
     value must not fail after earlier runs wrote their folders): device, prepared data, method, teachers."""
     from g2d.data.prepared import Prepared
@@ -156,7 +156,7 @@ def _preflight(cfg: C.Schema, args, pairs: list[tuple[str, str, str | None]], se
             raise C.ConfigError(f"{args.params}: {e} ({method} on {ds})") from None
         if cls.needs_teachers:
             for m in inst.modalities():
-                for seed in seeds:
+                for seed in seeds[ds]:
                     path = teacher_path(Path(cfg.paths.runs), ds, m, seed)
                     if not path.is_file():
                         base = registry.get_dataset(ds).view_of or ds
@@ -172,7 +172,6 @@ def cmd_train(args) -> None:
     from g2d.runs import train_group, train_many
 
     mod = C.method_params(cfg).modality if cfg.method == "unimodal" else None
-    seeds = _seeds(args, cfg)
     if args.group:
         if args.group not in cfg.suite.groups:
             raise C.ConfigError(f"--group {args.group!r} not in suite.groups ({', '.join(cfg.suite.groups)})")
@@ -181,11 +180,13 @@ def cmd_train(args) -> None:
             raise C.ConfigError(f"method {cfg.method!r} is not in suite.groups.{args.group}.methods")
         runs = Path(cfg.paths.runs) / args.group / cfg.method
         pairs = [(cfg.method, ds, None) for ds in group.datasets]
+        seeds = {ds: _seeds(args, cfg, ds) for ds in group.datasets}
         _preflight(cfg, args, pairs, seeds)
         _train_with_progress(cfg, lambda p: train_many(cfg, pairs, seeds, args.summary, runs, force=args.force,
-                                                       progress=p), len(pairs) * len(seeds))
+                                                       progress=p), sum(map(len, seeds.values())))
     else:
-        _preflight(cfg, args, [(cfg.method, cfg.dataset, mod)], seeds)
+        seeds = _seeds(args, cfg, cfg.dataset)
+        _preflight(cfg, args, [(cfg.method, cfg.dataset, mod)], {cfg.dataset: seeds})
         _train_with_progress(cfg, lambda p: train_group(cfg, cfg.method, cfg.dataset, seeds, mod, args.summary,
                                                         force=args.force, progress=p), len(seeds))
 
@@ -198,7 +199,7 @@ def _train_with_progress(cfg: C.Schema, train, n_runs: int) -> None:
 
     stage = os.environ.get("DVC_STAGE")
     try:
-        plan = stage_plan(stage, scratch_root(cfg).parent, Path(cfg.paths.reports), n_workers(cfg, n_runs))
+        plan = stage_plan(stage, scratch_root(cfg).parent, Path(cfg.paths.runs), n_workers(cfg, n_runs))
     except Exception:  # noqa: BLE001 - the plan only decorates the display
         plan = None
     progress = Progress(n_runs, stage=stage, plan=plan)
@@ -227,9 +228,10 @@ def cmd_teacher(args) -> None:
     from g2d.runs import train_many
 
     pairs = [("unimodal", args.name, m) for m in mods]
-    _preflight(cfg, args, pairs, _seeds(args, cfg))
-    _train_with_progress(cfg, lambda p: train_many(cfg, pairs, _seeds(args, cfg), args.summary, force=args.force,
-                                                   progress=p), len(pairs) * len(_seeds(args, cfg)))
+    seeds = _seeds(args, cfg, args.name)
+    _preflight(cfg, args, pairs, {args.name: seeds})
+    _train_with_progress(cfg, lambda p: train_many(cfg, pairs, seeds, args.summary, force=args.force,
+                                                   progress=p), len(pairs) * len(seeds))
 
 
 def cmd_verify(args) -> None:
@@ -257,7 +259,7 @@ def cmd_aggregate(args) -> None:
     cfg = _cfg(args)
     from g2d.report.aggregate import aggregate
 
-    for p in aggregate(Path(cfg.paths.reports)):
+    for p in aggregate(Path(cfg.paths.reports), cfg.trainer.select):
         print(f"[g2d] wrote {p}")
 
 

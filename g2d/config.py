@@ -40,7 +40,19 @@ class SuiteConfig:
 
     datasets: list[str] = field(default_factory=lambda: ["cremad"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # a dataset (or view) that runs other seeds than `seeds`, e.g. an expensive smoke-test stand-in
+    dataset_seeds: dict[str, list[int]] = field(default_factory=dict)
     groups: dict[str, GroupConfig] = field(default_factory=dict)
+
+
+def suite_seeds(cfg, dataset: str) -> list[int]:
+    """Seeds `--all-seeds` trains on `dataset`: suite.dataset_seeds[dataset] (a view falls back to its parent's
+    entry), else suite.seeds."""
+    from g2d import registry
+
+    over = cfg.suite.dataset_seeds
+    base = registry.get_dataset(dataset).view_of if dataset not in over else None
+    return list(over.get(dataset, over.get(base, cfg.suite.seeds) if base else cfg.suite.seeds))
 
 
 @dataclass

@@ -130,6 +130,7 @@ CHECKED_ELSEWHERE: dict[str, str] = {
     "trainer.deterministic": "bool (OmegaConf)",
     "suite.datasets": "_check_suite (registered, not views, each with a datasets block)",
     "suite.groups": "_check_suite (known methods and datasets, supported tasks, one group per run)",
+    "suite.dataset_seeds": "check_values (a registered dataset or view, and a suite.seeds-like list)",
     "datasets": "each dataset's Config; `real:` against g2d/data/raw/<name>.py Options; augment; methods",
     "methods": "each method's Params, and its constructor for the runs the config trains",
     "profiles": "the selected one is merged and checked like params.yaml",
@@ -166,6 +167,13 @@ def check_values(out: Schema, params: Path, overrides: list[str], overlay: Any, 
 
     for key, rule in CHECKS.items():
         check(key, _get(out, key), rule, key)
+    from g2d import registry
+
+    for name, seeds in (out.suite.dataset_seeds or {}).items():
+        if name not in registry.list_datasets():
+            raise ConfigError(f"{params}: suite.dataset_seeds.{name}: unknown dataset (registered: "
+                              f"{', '.join(registry.list_datasets())})")
+        check(f"suite.dataset_seeds.{name}", list(seeds), CHECKS["suite.seeds"], f"suite.dataset_seeds.{name}")
     for name, block in out.datasets.items():  # per-dataset trainer overrides, merged as the trainer sees them
         over = (block or {}).get("trainer") or {}
         if over:
@@ -208,6 +216,7 @@ def check_methods(out: Schema, params: Path) -> None:
 
     suite = {(m, d) for g in out.suite.groups.values() for m in g.methods for d in g.datasets}
     merged: dict[tuple[str, str], Any] = {}  # params differ per dataset only where it overrides them
+    trainers: dict[str, Any] = {}  # per dataset: building a trainer config costs ~40 ms (OmegaConf merge)
     for m, d in [(out.method, out.dataset), *sorted(suite - {(out.method, out.dataset)})]:
         cls = registry.get_method(m)
         over = (_dataset_block(out, d).get("methods") or {}).get(m)
@@ -216,7 +225,9 @@ def check_methods(out: Schema, params: Path) -> None:
             merged[key] = method_params(out, m, d)
         try:
             cls(merged[key], registry.get_dataset(d).spec)
-            cls.check_config(trainer_config(out, d), out.model)  # shared trainer/model options it cannot take
+            if d not in trainers:
+                trainers[d] = trainer_config(out, d)
+            cls.check_config(trainers[d], out.model)  # shared trainer/model options it cannot take
         except ValueError as e:
             if isinstance(e, ConfigError):
                 raise

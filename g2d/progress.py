@@ -7,7 +7,8 @@ Not a TTY (CI, logs): one line per finished run and one summary line per stage, 
 Stage k of n: a stage run by `dvc repro` knows its name (DVC sets DVC_STAGE). The first training stage of a
 repro writes a small plan file (`<paths.runs>/../cache/repro-plan.json`, keyed by the pid and start time of
 the `dvc repro` process): the training stages `dvc repro --dry` (same targets) says will run, and an estimate
-of each from the per-run times of its committed summaries (reports/runs/...). Later stages of the same repro
+of each from the per-run times its last local run recorded (`<paths.runs>/<group>/<item>/**/metrics.json`;
+wall times are kept out of the committed summaries, which must not change when nothing else did). Later stages of the same repro
 read it. Without a plan (no DVC, `dvc exp run`, a failing dry run) only the stage's own progress is shown.
 """
 from __future__ import annotations
@@ -58,16 +59,15 @@ def _repro_process() -> tuple[int, str, list[str]] | None:
     return None
 
 
-def _stage_estimate(stage: str, reports: Path, workers: int) -> float | None:
-    """Seconds a training stage took last time: sum of its summaries' per-run train_time_s / workers."""
+def _stage_estimate(stage: str, runs: Path, workers: int) -> float | None:
+    """Seconds a training stage took last time here: sum of its runs' train_time_s / workers."""
     group, _, item = stage.partition("@")
-    folder = reports / "runs" / group / item
+    folder = runs / group / item
     total, n = 0.0, 0
-    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for f in sorted(folder.rglob("metrics.json")) if folder.is_dir() else []:
         try:
-            for s in json.loads(f.read_text()).get("seeds", []):
-                total += float(s.get("train_time_s", 0.0))
-                n += 1
+            total += float(json.loads(f.read_text()).get("train_time_s", 0.0))
+            n += 1
         except (OSError, ValueError, AttributeError, TypeError):
             continue
     return total / max(1, min(workers, n)) if n else None
@@ -87,7 +87,7 @@ def _dry_run(argv: list[str]) -> list[str] | None:
     return re.findall(r"Running stage '([^']+)'", res.stdout + res.stderr)
 
 
-def stage_plan(stage: str | None, cache_dir: Path, reports: Path, workers: int) -> dict | None:
+def stage_plan(stage: str | None, cache_dir: Path, runs: Path, workers: int) -> dict | None:
     """{"stages": [training stages of this repro, in order], "estimate_s": {stage: seconds}} or None."""
     if not stage:
         return None
@@ -106,7 +106,7 @@ def stage_plan(stage: str | None, cache_dir: Path, reports: Path, workers: int) 
     if not stages or stage not in stages:
         return None
     stages = [s for s in stages if is_training_stage(s)]
-    est = {s: _stage_estimate(s, reports, workers) for s in stages}
+    est = {s: _stage_estimate(s, Path(runs), workers) for s in stages}
     plan = {"repro": [pid, start], "stages": stages, "estimate_s": est}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +182,9 @@ class Progress:
         self.done += 1
         self.kept += bool(kept)
         try:
-            sel, key = res["selection"]["best_val"], res["primary_metric"]
-            what = (f"test {key} {sel['test'][key]:.2f} (best-val epoch {sel['epoch']}), "
+            rule = (res.get("selected_checkpoint") or {}).get("rule") or "best_val"  # what the tables report
+            sel, key = res["selection"][rule], res["primary_metric"]
+            what = (f"test {key} {sel['test'][key]:.2f} ({rule} epoch {sel['epoch']}), "
                     f"{res['train_time_s']:.1f}s")
         except (KeyError, TypeError, ValueError):
             what = "done"

@@ -21,6 +21,7 @@ import pandas as pd
 
 from g2d import config as C
 from g2d.data.prepared import atomic_write_text, pid_alive
+from g2d.train.provenance import VOLATILE_HISTORY, committed_view
 
 
 def run_name(method: str, dataset: str, modality: str | None = None) -> str:
@@ -367,6 +368,7 @@ def _pool(cfg: C.Schema, todo: list[Job], workers: int, progress, flag: dict) ->
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("fork")
+    import torch._inductor  # noqa: F401  what deterministic mode imports (~1.6 s): once here, not in every child
     queue, running, done, error, late = list(range(len(todo))), {}, {}, None, set()
     try:
         while queue or running:
@@ -464,28 +466,33 @@ def write_summary(summary_dir: Path, results: list[dict], method: str, dataset: 
     summary_dir = Path(summary_dir)
     summary_dir.mkdir(parents=True, exist_ok=True)
     name = summary_name(run_name(method, dataset, modality))
-    seeds = [{k: v for k, v in r.items() if k != "run_dir"} for r in results]
+    seeds = [committed_view(r) for r in results]
     atomic_write_text(summary_dir / f"{name}.json", json.dumps(
         {"run": name, "method": method, "dataset": dataset, "modality": modality, "seeds": seeds},
         indent=2, sort_keys=True) + "\n")
     hist = pd.concat([pd.read_csv(Path(r["run_dir"]) / "history.csv") for r in results], ignore_index=True)
+    hist = hist.drop(columns=[c for c in VOLATILE_HISTORY if c in hist.columns])
     summary_dir.joinpath(f".{name}.csv.tmp").unlink(missing_ok=True)  # fixed name of older versions
     atomic_write_text(summary_dir / f"{name}.csv", hist.to_csv(index=False, float_format="%.6g"))
 
 
-def train_many(cfg: C.Schema, pairs: list[tuple[str, str, str | None]], seeds: list[int],
+def train_many(cfg: C.Schema, pairs: list[tuple[str, str, str | None]], seeds: list[int] | dict[str, list[int]],
                summary_dir: Path | None = None, runs_dir: Path | None = None, force: bool = False,
                progress=None) -> list[dict]:
-    """Train each (method, dataset, modality) pair for every seed, all in one worker pool. Runs train in the
-    scratch area (scratch_for) and their final files are copied to `runs_dir`; a finished run of the same
-    fingerprint (in the scratch area or the output) is reused, unless `force`."""
+    """Train each (method, dataset, modality) pair for every seed (`seeds`: one list, or one per dataset), all
+    in one worker pool. Runs train in the scratch area (scratch_for) and their final files are copied to
+    `runs_dir`; a finished run of the same fingerprint (in the scratch area or the output) is reused, unless
+    `force`."""
     runs = Path(runs_dir or cfg.paths.runs)
     scratch = scratch_for(cfg, runs) if use_scratch() else None
-    jobs = [Job(m, d, s, mod, runs, force, scratch) for (m, d, mod) in pairs for s in seeds]
+    per = {d: list(seeds[d] if isinstance(seeds, dict) else seeds) for (_, d, _) in pairs}
+    jobs = [Job(m, d, s, mod, runs, force, scratch) for (m, d, mod) in pairs for s in per[d]]
     results = run_jobs(cfg, jobs, progress)
     if summary_dir is not None:
-        for i, (m, d, mod) in enumerate(pairs):
-            write_summary(summary_dir, results[i * len(seeds):(i + 1) * len(seeds)], m, d, mod)
+        start = 0
+        for m, d, mod in pairs:
+            write_summary(summary_dir, results[start:start + len(per[d])], m, d, mod)
+            start += len(per[d])
     return results
 
 

@@ -14,7 +14,7 @@ from g2d.registry import register_dataset
 def _standin() -> StandinConfig:
     """Calibrated (reports/calibration.md): the image is fast and sure of 8 class groups but blind inside
     two digit pairs; the audio carries every digit, more noisily and with a weaker (slower) signal."""
-    return StandinConfig(n_train=480, n_test=240, real_n_train=60000, real_n_test=10000, pairs=0.4, modalities={
+    return StandinConfig(n_train=480, n_test=1200, real_n_train=60000, real_n_test=10000, pairs=0.4, modalities={
         "audio": StandinModality(shape=[1, 12, 12], code="linear", pair_signal=0.5, noise=0.4, flip=0.25,
                                  amplitude=1.5),
         "image": StandinModality(shape=[1, 12, 12], code="linear", pair_signal=0.0, noise=0.1, flip=0.17,

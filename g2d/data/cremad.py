@@ -24,7 +24,7 @@ def _standin() -> StandinConfig:
     sure of the groups but blind inside the two pairs; visual carries every class, but its group code
     is an interaction (slow to learn) and its within-pair bits are weak."""
     return StandinConfig(
-        n_train=480, n_test=240, real_n_train=6698, real_n_test=744, pairs=0.67,
+        n_train=480, n_test=1200, real_n_train=6698, real_n_test=744, pairs=0.67,
         modalities={
             "audio": StandinModality(shape=[1, 12, 12], code="linear", pair_signal=0.0, noise=0.1, flip=0.1,
                                      amplitude=6.0, density=0.15),

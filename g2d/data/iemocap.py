@@ -18,7 +18,7 @@ def _standin() -> StandinConfig:
     """Calibrated (reports/calibration.md), qualitative target text > audio > visual: text is fast and
     sure of 3 class groups (blind inside one pair); audio and visual carry all four classes through
     slower interaction codes, visual the noisiest."""
-    return StandinConfig(n_train=480, n_test=240, real_n_train=3515, real_n_test=938, pairs=0.5, modalities={
+    return StandinConfig(n_train=480, n_test=1200, real_n_train=3515, real_n_test=938, pairs=0.5, modalities={
         "audio": StandinModality(shape=[10, 16], code="xor", pair_code="linear", pair_signal=0.5, noise=1.0),
         "visual": StandinModality(shape=[10, 12], code="xor", pair_code="linear", pair_signal=0.3, noise=1.5),
         "text": StandinModality(shape=[10, 24], code="linear", pair_signal=0.0, noise=0.5, flip=0.1)})

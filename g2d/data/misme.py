@@ -17,7 +17,7 @@ def _standin() -> StandinConfig:
     """Regression stand-in (reports/calibration.md): target = standardised sum of 8 latent factors.
     Weather (a fast linear 8-d vector) observes factors 0-3; the image observes 0-5 through a
     slower, noisier rendering, so it is better alone (as in the MIS-ME paper) but learned later."""
-    return StandinConfig(n_train=480, n_test=240, real_n_train=3601, real_n_test=900, modalities={
+    return StandinConfig(n_train=480, n_test=1200, real_n_train=3601, real_n_test=900, modalities={
         "image": StandinModality(shape=[3, 12, 12], code="linear", factors=[0, 1, 2, 3, 4, 5], noise=0.2,
                                  amplitude=2.0, pixel_noise=0.3, density=0.15),
         "weather": StandinModality(shape=[8], code="linear", factors=[0, 1, 2, 3], noise=0.5, pixel_noise=0.2)})

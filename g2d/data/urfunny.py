@@ -20,7 +20,7 @@ MODS = (ModalitySpec("text", "sequence", (SEQ_LEN, 300)),
 def _standin() -> StandinConfig:
     """Calibrated (reports/calibration.md): text is a noisy linear code (fast, the strongest);
     audio and visual are noisier interaction codes (slow), close to chance alone."""
-    return StandinConfig(n_train=480, n_test=240, real_n_train=13224, real_n_test=3290, modalities={
+    return StandinConfig(n_train=480, n_test=1200, real_n_train=13224, real_n_test=3290, modalities={
         "text": StandinModality(shape=[10, 24], code="linear", noise=3.5),
         "audio": StandinModality(shape=[10, 16], code="xor", noise=3.5),
         "visual": StandinModality(shape=[10, 16], code="xor", noise=3.5)})

@@ -22,7 +22,7 @@ def _standin() -> StandinConfig:
     training samples per class both teachers stay below the published accuracies and both Joint-Train
     heads collapse. Audio is the clean, fast code; visual the noisier, weaker one (3 frames). A
     separate val split is drawn (a stratified 10% carve would leave classes empty)."""
-    return StandinConfig(n_train=1236, n_val=309, n_test=618, real_n_train=183730, real_n_test=15446,
+    return StandinConfig(n_train=1236, n_val=309, n_test=1236, real_n_train=183730, real_n_test=15446,
                          modalities={
                              "audio": StandinModality(shape=[1, 12, 12], code="linear", bits=12, noise=0.0,
                                                       amplitude=6.0, density=0.2),

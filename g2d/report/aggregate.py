@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 
 from g2d.data.prepared import atomic_write_text
+from g2d.report import smp_order
 
 COLUMNS = ["run", "method", "dataset", "modality", "source", "data_split", "seed", "selection", "epoch", "split", "metric",
-           "value", "git_sha"]
+           "value", "source_hash"]
 DIVERGED = "diverged"  # `metric` of the one row a diverged seed contributes (value NaN): never averaged, counted
 
 
@@ -31,7 +32,7 @@ def tidy(runs_dir: Path) -> pd.DataFrame:
                     "modality": summary.get("modality") or "", "source": res.get("source", "real"),
                     "data_split": res.get("split", "standard"), "seed": res["seed"], "selection": "",
                     "epoch": res["diverged"].get("epoch"), "split": "", "metric": DIVERGED,
-                    "value": float("nan"), "git_sha": res["provenance"]["git_sha"]})
+                    "value": float("nan"), "source_hash": res["provenance"].get("source_hash", "")})
                 continue
             for rule, sel in res["selection"].items():
                 for split in ("val", "test"):
@@ -41,7 +42,17 @@ def tidy(runs_dir: Path) -> pd.DataFrame:
                             "modality": summary.get("modality") or "", "source": res.get("source", "real"),
                             "data_split": res.get("split", "standard"),
                             "seed": res["seed"], "selection": rule, "epoch": sel["epoch"], "split": split,
-                            "metric": metric, "value": value, "git_sha": res["provenance"]["git_sha"]})
+                            "metric": metric, "value": value, "source_hash": res["provenance"].get("source_hash", "")})
+            probed = res.get("diagnostics")  # probes and train-batch confidence of selected.pt (g2d.train.probes)
+            if probed:
+                for split, metric, value in [(sp, k, v) for sp in ("test", "train")
+                                             for k, v in (probed.get(sp) or {}).items()]:
+                    rows.append({
+                        "run": summary["run"], "method": summary["method"], "dataset": summary["dataset"],
+                        "modality": summary.get("modality") or "", "source": res.get("source", "real"),
+                        "data_split": res.get("split", "standard"), "seed": res["seed"],
+                        "selection": probed["rule"], "epoch": probed["epoch"], "split": split, "metric": metric,
+                        "value": value, "source_hash": res["provenance"].get("source_hash", "")})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -69,7 +80,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def aggregate(reports_dir: Path) -> list[Path]:
+def aggregate(reports_dir: Path, selection: str = "best_val") -> list[Path]:
     reports_dir = Path(reports_dir)
     df = tidy(reports_dir / "runs")
     if df.empty:
@@ -84,16 +95,17 @@ def aggregate(reports_dir: Path) -> list[Path]:
         frame.to_csv(tmp, index=False, float_format="%.6g")
         tmp.replace(p)
         paths.append(p)
-    paths.append(headline(summary, tables / "headline.json"))
+    paths.append(headline(summary, tables / "headline.json", selection))
+    paths.append(smp_order.write(reports_dir / "runs", tables / "smp_order.csv"))
     return paths
 
 
-def headline(summary: pd.DataFrame, path: Path) -> Path:
+def headline(summary: pd.DataFrame, path: Path, selection: str = "best_val") -> Path:
     """The `dvc metrics show` / `dvc exp show` metrics: flat `<dataset>/<method>/<metric>` keys (e.g.
     `cremad/g2d/acc`, a teacher is `cremad/teacher-audio/acc`), each the mean over seeds of the run's test
-    primary metric (`acc`, or `rmse` for regression) under best-val selection, as in summary.csv. No `_std`
+    primary metric (`acc`, or `rmse` for regression) under `selection` (trainer.select), as in summary.csv. No `_std`
     keys: they would double a table DVC prints as one row per file; the stds are in summary.csv."""
-    sel = summary[(summary.selection == "best_val") & (summary.split == "test") & summary.metric.isin(["acc", "rmse"])]
+    sel = summary[(summary.selection == selection) & (summary.split == "test") & summary.metric.isin(["acc", "rmse"])]
     out: dict[str, float] = {}
     for r in sel.itertuples():
         method = r.run.replace(f"-{r.dataset}", "", 1)  # g2d-cremad -> g2d, teacher-cremad-audio -> teacher-audio

@@ -8,34 +8,18 @@ below MIN_SEEDS paired seeds the report says so at its top.
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from g2d.data.prepared import atomic_write_text
-from g2d.report.render import environments
+from g2d.report.stats import holm
+from g2d.report.stats import paired as paired_stats
 from g2d.train.metrics import SELECTIONS, primary_metric
 
 MIN_SEEDS = 5  # below this many paired seeds a comparison's p-values are flagged as fragile
-
-
-def holm(p) -> np.ndarray:
-    """Holm step-down adjusted p-values (family-wise error), in the input order; NaN entries stay NaN and are
-    not counted in the family."""
-    p = np.asarray(p, dtype=float)
-    out = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    m = len(ok)
-    if m == 0:
-        return out
-    order = ok[np.argsort(p[ok], kind="stable")]
-    adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
-    out[order] = np.minimum(adj, 1.0)
-    return out
 
 
 def paired(runs: pd.DataFrame, method: str, selection: str = "best_val") -> pd.DataFrame:
@@ -54,19 +38,12 @@ def paired(runs: pd.DataFrame, method: str, selection: str = "best_val") -> pd.D
             b = sel[(sel.dataset == ds) & (sel.method == other) & (sel.metric == task_metric)]
             b = b.set_index("seed")["value"]
             seeds = a.index.intersection(b.index)
-            d = (a[seeds] - b[seeds]).to_numpy()
-            n = len(d)
-            mean = float(d.mean()) if n else float("nan")
-            sd = float(d.std(ddof=1)) if n > 1 else float("nan")
-            half = float(stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)) if n > 1 else float("nan")
-            if n > 1 and sd > 0:
-                p = float(stats.ttest_rel(a[seeds], b[seeds]).pvalue)
-            else:
-                p = float("nan")
+            t = paired_stats((a[seeds] - b[seeds]).to_numpy())  # = ttest_rel(a, b) on the common seeds
+            n = t["n"]
             rows.append({"dataset": ds, "metric": task_metric, "method": method, "vs": other, "n": n,
                          "mean_method": float(a[seeds].mean()) if n else float("nan"),
                          "mean_vs": float(b[seeds].mean()) if n else float("nan"),
-                         "diff": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": p})
+                         "diff": t["diff"], "ci_low": t["ci_low"], "ci_high": t["ci_high"], "p_value": t["p_value"]})
     if not rows:
         raise FileNotFoundError(f"{method!r} has no other method to compare with on its datasets "
                                 f"({sorted(mine.dataset.unique())}): add baselines to "
@@ -93,6 +70,8 @@ def compare(reports_dir: Path, method: str, selection: str = "best_val") -> list
     standin = set(runs[runs.method == method].source) == {"standin"}
     n_tests = int(df.p_value.notna().sum())
     seeds = sorted({int(n) for n in df.n})
+    from g2d.report.render import environments  # render imports the claims, which import the stats
+
     md, _ = environments()
     text = md.get_template("compare.md.j2").render(
         method=method, rows=df.to_dict("records"), csv=csv.as_posix(), standin=standin,

@@ -8,12 +8,12 @@ import jinja2
 import pandas as pd
 
 from g2d.data.prepared import atomic_write_text
-from g2d.report import plots, recipes
+from g2d.report import claims, plots, recipes
 from g2d.report.tables import build, build_pairs, fmt, table_specs
 from g2d.train.metrics import SELECTIONS
 
 TEMPLATES = Path(__file__).parent / "templates"
-METRIC_NAMES = {"acc": "acc", "f1": "macro-F1", "mae": "MAE", "rmse": "RMSE", "r2": "R²"}
+METRIC_NAMES = {"acc": "acc", "f1": "macro-F1", "mae": "MAE", "rmse": "RMSE", "r2": "R²", "probe": "probe"}
 
 
 def _label(dataset: str, metric: str, multi: bool) -> str:
@@ -136,6 +136,49 @@ def _figures(datasets: list[str], reports: Path) -> list[dict]:
     return figs
 
 
+def _num(x: float, digits: int = 2) -> str:
+    return "-" if pd.isna(x) else f"{x:.{digits}f}"
+
+
+def _p(x: float) -> str:
+    return "-" if pd.isna(x) else f"{x:.2g}" if x >= 1e-4 else "<1e-4"
+
+
+def claims_context(runs: pd.DataFrame, smp: pd.DataFrame | None, selection: str, out_dir: Path,
+                   standin: bool, sources: str) -> dict:
+    """reports/tables/claims.csv (written, then re-read: the page shows the file) and the template context."""
+    df = claims.evaluate(runs, selection, smp)
+    csv = out_dir / "tables" / "claims.csv"
+    tmp = csv.with_suffix(".csv.tmp")
+    df.to_csv(tmp, index=False, float_format="%.6g")
+    tmp.replace(csv)
+    df = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    df["reason"] = df["reason"].fillna("")
+    rows = []
+    for r in df.to_dict("records"):
+        r.update(mean_a_s=_num(r["mean_a"]), mean_b_s=_num(r["mean_b"]), p_s=_p(r["p_value"]), holm_s=_p(r["p_holm"]),
+                 diff_s=f"{r['diff']:+.2f} [{_num(r['ci_low'])}, {_num(r['ci_high'])}]")
+        rows.append(r)
+    counts = {v: int((df.verdict == v).sum()) for v in ("supported", "contradicted", "inconclusive")}
+    return {"rows": rows, "csv": csv.as_posix(), "counts": counts, "selection": selection,
+            "selection_text": SELECTIONS[selection], "standin": standin, "sources": sources,
+            "contradicted": [f"{r['text']} on {r['dataset']}" for r in rows if r["verdict"] == "contradicted"]}
+
+
+def smp_order_rows(smp: pd.DataFrame | None, methods: list[str], datasets: list[str]) -> list[dict]:
+    """'Which modality SMP trains first' for the SMP methods of a table (tables/smp_order.csv)."""
+    if smp is None or smp.empty:
+        return []
+    sub = smp[smp.method.isin(methods) & smp.dataset.isin(datasets)]
+    out = []
+    for (ds, m), g in sub.groupby(["dataset", "method"], sort=False):
+        g = g.sort_values("share_first", ascending=False)
+        out.append({"dataset": ds, "method": m, "n": int(g.n.max()), "epochs": int(g.phase1_epochs.max()),
+                    "order": ", ".join(f"{r.modality} {100 * r.share_first:.0f} % (seeds {100 * r.share_min:.0f}-"
+                                       f"{100 * r.share_max:.0f} %)" for r in g.itertuples())})
+    return out
+
+
 def render_all(cfg, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     summary_path = out_dir / "tables" / "summary.csv"
@@ -146,21 +189,31 @@ def render_all(cfg, out_dir: Path) -> list[Path]:
     runs = pd.read_csv(out_dir / "tables" / "runs.csv", **read)
     for df in (summary, runs):
         df["modality"] = df["modality"].fillna("")
+    smp_path = out_dir / "tables" / "smp_order.csv"
+    smp = pd.read_csv(smp_path) if smp_path.is_file() else None
     md_env, tex_env = environments()
     paths, contexts = [], []
-    for name, spec in table_specs(cfg.reports).items():
+    for name, spec in table_specs(cfg.reports, cfg.trainer.select).items():
         ctx = table_context(name, spec, summary, runs, out_dir, cfg.data_source)
+        methods = spec.methods or sorted(runs.method.unique())
+        if spec.kind == "pairs":
+            methods = [m for pair in spec.pairs for m in pair]
+        ctx["smp_order"] = smp_order_rows(smp, methods, spec.datasets)
         contexts.append(ctx)
         paths.append(Path(ctx["csv"]))
         for env, tpl, p in ((md_env, "table.md.j2", out_dir / f"{name}.md"),
                             (tex_env, "table.tex.j2", out_dir / "tex" / f"{name}.tex")):
             atomic_write_text(p, env.get_template(tpl).render(**ctx))
             paths.append(p)
-    datasets = list(dict.fromkeys(ds for spec in table_specs(cfg.reports).values() for ds in spec.datasets))
+    datasets = list(dict.fromkeys(ds for spec in table_specs(cfg.reports, cfg.trainer.select).values() for ds in spec.datasets))
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)  # a declared output even when empty
     figs = _figures(datasets, out_dir)
+    sources = sorted(runs.source.unique())
+    cl = claims_context(runs, smp, cfg.trainer.select, out_dir, sources == ["standin"], ", ".join(sources))
+    atomic_write_text(out_dir / "claims.md", md_env.get_template("claims.md.j2").render(**cl))
+    paths += [Path(cl["csv"]), out_dir / "claims.md"]
     html = md_env.get_template("index.html.j2").render(
-        tables=contexts, figures=figs, standin=all(c["standin"] for c in contexts))
+        tables=contexts, figures=figs, standin=all(c["standin"] for c in contexts), claims=cl)
     atomic_write_text(out_dir / "index.html", html)
     paths += [out_dir / f["path"] for f in figs] + [out_dir / "index.html"]
     paths += recipes.write_recipes(cfg, out_dir)  # reports/recipes.md: the paper profile with its sources

@@ -17,14 +17,14 @@ class TableSpec:
     methods: list[str] = field(default_factory=list)  # rows; empty = every method run on these datasets
     metrics: list[str] = field(default_factory=lambda: ["acc"])  # columns, e.g. acc, acc_audio, f1
     teachers: bool = True  # add unimodal-teacher rows
-    selection: str = "best_val"
+    selection: str = ""  # "" = trainer.select, the epoch the runs keep (and their probes read)
     description: str = ""
     kind: str = "methods"  # methods: rows = methods | pairs: rows = (without, with) pairs and their gain
     pairs: list[list[str]] = field(default_factory=list)  # kind=pairs: [[without, with], ...]
     pair_labels: list[str] = field(default_factory=lambda: ["without", "with", "gain"])
 
 
-def table_specs(reports: dict) -> dict[str, TableSpec]:
+def table_specs(reports: dict, default_selection: str = "best_val") -> dict[str, TableSpec]:
     out = {}
     for name, block in (reports or {}).items():
         try:
@@ -35,6 +35,7 @@ def table_specs(reports: dict) -> dict[str, TableSpec]:
             raise ConfigError(f"params.yaml: reports.{name}.kind {spec.kind!r} not in (methods, pairs)")
         if spec.kind == "pairs" and (not spec.pairs or any(len(p) != 2 for p in spec.pairs)):
             raise ConfigError(f"params.yaml: reports.{name}.pairs must list [without, with] method pairs")
+        spec.selection = spec.selection or default_selection
         if spec.selection not in SELECTIONS:
             raise ConfigError(f"params.yaml: reports.{name}.selection {spec.selection!r} not in {list(SELECTIONS)}")
         out[name] = spec
@@ -74,7 +75,7 @@ def build(summary: pd.DataFrame, spec: TableSpec, selection: str | None = None) 
     Teacher rows fill only their own modality's columns (acc_<m>, f1_<m>), or the fused columns of a table
     without per-modality columns; other cells are '-'.
     """
-    sel = summary[(summary.selection == (selection or spec.selection)) & (summary.split == "test")
+    sel = summary[(summary.selection == (selection or spec.selection or "best_val")) & (summary.split == "test")
                   & summary.dataset.isin(spec.datasets)]
     counts: dict[tuple, tuple[int, int]] = {}  # (method, modality, dataset) -> (diverged, seeds)
     if "diverged" in summary.columns:
@@ -115,7 +116,7 @@ def build(summary: pd.DataFrame, spec: TableSpec, selection: str | None = None) 
 
 def build_pairs(runs: pd.DataFrame, spec: TableSpec, selection: str | None = None) -> pd.DataFrame:
     """Rows = pairs; columns without / with / gain, gain = mean +- std of the per-seed paired difference."""
-    sel = runs[(runs.selection == (selection or spec.selection)) & (runs.split == "test")
+    sel = runs[(runs.selection == (selection or spec.selection or "best_val")) & (runs.split == "test")
                & (runs.modality.fillna("") == "")]
     rows = []
     metric = spec.metrics[0]

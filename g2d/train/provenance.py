@@ -46,3 +46,17 @@ def provenance(device: torch.device) -> dict:
         "python": platform.python_version(),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
     }
+
+
+def committed_view(res: dict) -> dict:
+    """A run result as the committed summaries hold it: without the fields that differ between two
+    identical runs (wall times) or that a commit can never hold of itself (its own git sha). A fresh
+    clone's `dvc repro` must rewrite the summaries byte for byte; the full record stays in the run's
+    metrics.json under paths.runs."""
+    out = {k: v for k, v in res.items() if k not in ("run_dir", "train_time_s")}
+    if "provenance" in out:
+        out["provenance"] = {k: v for k, v in out["provenance"].items() if k != "git_sha"}
+    return out
+
+
+VOLATILE_HISTORY = ("time_s",)  # history.csv columns left out of the committed summaries

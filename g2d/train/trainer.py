@@ -20,7 +20,7 @@ from g2d.data.transforms import InputPipeline, resolve_augment
 from g2d.methods.base import Context, Method, NonFiniteLoss
 from g2d.models.model import MultimodalModel
 from g2d.runs import run_lock
-from g2d.train import checkpoint, metrics
+from g2d.train import checkpoint, metrics, probes
 from g2d.train.checkpoint import CheckpointError
 from g2d.train.loader import BatchLoader
 from g2d.train.provenance import provenance
@@ -371,6 +371,20 @@ class Trainer:
         if _improves(history[-1][col], best, higher, ties=rule == "best_test"):
             self._save_selected(model, history[-1]["epoch"])
 
+    def _probe(self, model, kept: dict) -> dict:
+        """Linear probes of the selected checkpoint's encoders (g2d.train.probes), with its rule and epoch."""
+        state = model.state_dict()
+        state.update(kept["model"])  # selected.pt holds no method-owned aux modules: keep the model's own
+        model.load_state_dict(state)
+        loaders = [BatchLoader(self.data.split(split), self.tc.eval_batch_size, self.device, task=self.spec.task)
+                   for split in ("train", "test")]
+        vals = probes.probe_model(model, *loaders, self.inputs, self.spec.task, self.spec.num_outputs)
+        out = {"rule": kept.get("rule"), "epoch": kept["epoch"], "test": vals}
+        if self.spec.task == "classification":
+            gen = torch.Generator().manual_seed(augment_seed(self.run.seed) ^ 1)  # not the training stream
+            out["train"] = probes.train_confidence(model, loaders[0], self.inputs, gen)
+        return out
+
     def _save_selected(self, model, epoch: int) -> None:
         checkpoint.atomic_save({"model": _model_state(model), "modalities": list(model.modalities), "epoch": epoch,
                                 "rule": self.tc.select, "fingerprint": self.fingerprint},
@@ -404,6 +418,7 @@ class Trainer:
         kept_ok = bool(kept) and kept.get("fingerprint") == self.fingerprint and kept.get("epoch") == want
         if diverged is not None and not kept_ok:
             checkpoint.remove(run.run_dir / SELECTED)  # another run's, or an epoch this run does not report
+        probed = self._probe(model, kept) if diverged is None and kept_ok else None
         result = {
             "run": run.run_dir.parent.name, "method": run.method, "dataset": run.dataset, "seed": run.seed,
             "task": self.spec.task, "primary_metric": metrics.primary_metric(self.spec.task)[0],
@@ -412,6 +427,7 @@ class Trainer:
             "selected_checkpoint": ({"rule": self.tc.select, "epoch": kept["epoch"], "file": SELECTED}
                                     if kept_ok else None),
             "teachers": self._teachers, "split": self.data.meta.get("split_variant", "standard"),
+            "diagnostics": probed,  # linear probes (test) and train-batch confidence (train) of selected.pt
             "inputs": self.inputs.describe(),
             "params_hash": self.fingerprint, "provenance": provenance(self.device),
             "train_time_s": float(hist["time_s"].sum()) if history else 0.0,

@@ -216,7 +216,8 @@ def test_headline_keys_are_dataset_method_metric_and_equal_summary_means(ci_proj
     for key, value in headline.items():
         ds, method, metric = key.split("/")
         run_name = f"{method}-{ds}" if not method.startswith("teacher-") else f"teacher-{ds}-{method[8:]}"
-        row = summary[(summary.run == run_name) & (summary.selection == "best_val") & (summary.split == "test")
+        row = summary[(summary.run == run_name) & (summary.selection == params["trainer"]["select"])
+                      & (summary.split == "test")
                       & (summary.metric == metric)]
         assert len(row) == 1, key
         assert value == pytest.approx(float(row["mean"].iloc[0]), abs=1e-3), key

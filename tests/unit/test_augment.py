@@ -99,6 +99,25 @@ def test_flip_rate_and_imagenet_normalisation_match_torchvision():
     assert abs(flip.float().mean().item() - 0.5) < 0.015
 
 
+def test_crop_keep_flip_keeps_the_box_in_place_and_zeroes_the_rest():
+    """The stand-in recipe: rrc_flip's box and flip (same draws), no resize: content keeps its scale and place."""
+    meta = {"modalities": [{"name": "visual", "kind": "frames", "shape": [3, 1, 12, 12], "dtype": "float32"}]}
+    x = torch.rand(64, 3, 1, 12, 12) + 1.0  # no zeros in the input: a zero in the output is the mask
+    a = Augment(recipe="crop_keep_flip", scale=[0.08, 1.0])
+    got = InputPipeline(meta, {"visual": a}).train({"visual": x}, torch.Generator().manual_seed(3))["visual"]
+    g = torch.Generator().manual_seed(3)  # the same stream: boxes, then flips
+    boxes = rrc_boxes(64, 12, 12, a.scale, a.ratio, g)
+    flip = torch.rand(64, generator=g) < a.flip_p
+    for b in range(64):
+        i, j, h, w = boxes[b].tolist()
+        ref = torch.zeros(3, 12, 12)
+        ref[:, i:i + h, j:j + w] = x[b, :, 0, i:i + h, j:j + w]
+        if flip[b]:
+            ref = ref.flip(-1)
+        assert torch.equal(got[b, :, 0], ref)
+    assert 0 < flip.float().mean() < 1 and (boxes[:, 2] * boxes[:, 3] < 144).any()
+
+
 def test_random_window_and_fixed_eval_window():
     meta = {"modalities": [{"name": "audio", "kind": "spectrogram", "shape": [1, 4, 30], "dtype": "float32"}],
             "inputs": {"audio": {"input_shape": [1, 4, 10], "window_start": 0.5}}}

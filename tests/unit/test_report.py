@@ -143,7 +143,7 @@ def _holm_reference(p):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_holm_matches_definition_on_random_p_values(seed):
-    from g2d.report.compare import holm
+    from g2d.report.stats import holm
 
     rng = np.random.default_rng(seed)
     p = rng.uniform(0, 1, 30) ** 3  # many small ones
@@ -158,7 +158,7 @@ def test_holm_matches_definition_on_random_p_values(seed):
 
 
 def test_holm_small_hand_example():
-    from g2d.report.compare import holm
+    from g2d.report.stats import holm
 
     # m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 0.04, max(0.04, 0.06), max(0.06, 0.06), min(1, 0.5)
     np.testing.assert_allclose(holm([0.03, 0.01, 0.5, 0.02]), [0.06, 0.04, 0.5, 0.06])
