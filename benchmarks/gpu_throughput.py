@@ -529,7 +529,8 @@ def measure(args) -> dict:
             "configs": res, "suite": suite,
             "notes": ["(a) reads frames from the stored uint8 array (no JPEG decode): the official loop is slower",
                       "breakdown: synchronised extra steps; forward includes teachers, loss and SMP masking",
-                      "paper-size runs/hour: training steps only (300 epochs x 6,698 samples), evaluation excluded",
+                      f"paper-size runs/hour: training steps only ({cfg.trainer.epochs} epochs x {size['n_train']} "
+                      "samples), evaluation excluded",
                       "peak_gib: allocated during the config's timed steps, all configs' resident data included"],
         }
     finally:
