@@ -367,7 +367,8 @@ def _child(cfg: C.Schema, job: Job, conn, threads: int, gpu: str | None = None) 
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
         if tc.device.startswith("cuda"):
             tc = dataclasses.replace(tc, device="cuda")
-        print(f"[g2d] worker {os.getpid()}: CUDA_VISIBLE_DEVICES={gpu}: {job.run_dir}", file=sys.stderr, flush=True)
+        print(f"[g2d] worker {os.getpid()}: CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}: {job.run_dir}",
+              file=sys.stderr, flush=True)
     _init_worker(threads)
     cfg = dataclasses.replace(cfg, trainer=tc)
     try:
