@@ -20,7 +20,7 @@ if ! "$PY" -c "import omegaconf, hydra" 2>/dev/null; then
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 t0=$(date +%s)
-timeout 370 "$PY" benchmarks/gpu_throughput.py ${BENCH_ARGS:---device cuda --compile} --out "$OUT/gpu_throughput.json" \
+timeout 370 "$PY" benchmarks/gpu_throughput.py ${BENCH_ARGS:---device cuda --compile --budget-s 250} --out "$OUT/gpu_throughput.json" \
   2>&1 | tee "$OUT/bench.log" | grep -v '^\[g2d\]'
 bench=${PIPESTATUS[0]}
 echo "benchmark: exit $bench after $(( $(date +%s) - t0 )) s"

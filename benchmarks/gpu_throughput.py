@@ -92,7 +92,8 @@ def paper_config(root: Path, size: dict, device: str, extra=()):
     over = ["profile=paper", "data_source=standin", f"trainer.device={device}", "trainer.progress=off",
             f"trainer.batch_size={size['batch']}", f"trainer.resident_gib={size['resident_gib']}",
             *size["model"], *extra]
-    return load_config(over, tmp_params(root))
+    params = root / "params.yaml"  # written once by the parent: spawned suite workers only read it
+    return load_config(over, params if params.is_file() else tmp_params(root))
 
 
 def make_teachers(cfg, spec, seeds, dev) -> None:
@@ -347,9 +348,10 @@ def profile_summary(runner, dev, steps: int) -> list[dict]:
 
 
 # ---- suite throughput -----------------------------------------------------------------------------------
-def _suite_worker(root, size, device, secs, barrier, results) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 8))
-    cfg = paper_config(Path(root), size, device)
+def _suite_worker(root, size, device, secs, barrier, results, cfg=None) -> None:
+    if cfg is None:  # a spawned worker
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // 8))
+        cfg = paper_config(Path(root), size, device)
     r = Ours(trainer_for(cfg, "g2d", Path(root)))
     r.run(2)
     dev = r.trainer.device
@@ -362,13 +364,14 @@ def _suite_worker(root, size, device, secs, barrier, results) -> None:
     results.put({"samples": n, "s": time.perf_counter() - t0})
 
 
-def suite_paper(root: Path, size: dict, device: str, k: int, secs: float, epochs: int, n_train: int) -> dict:
+def suite_paper(root: Path, size: dict, device: str, k: int, secs: float, epochs: int, n_train: int,
+                cfg=None) -> dict:
     """k concurrent paper-size G2D step loops on one GPU (spawned, as the stage's pool): aggregate samples/s."""
     if k == 1:  # one loop: in this process
         import queue
 
         q: queue.Queue = queue.Queue()
-        _suite_worker(str(root), size, device, secs, threading.Barrier(1), q)
+        _suite_worker(str(root), size, device, secs, threading.Barrier(1), q, cfg)
         r = q.get()
         sps = r["samples"] / r["s"]
         return {"k": 1, "samples_per_s": round(sps, 1),
@@ -513,9 +516,12 @@ def measure(args) -> dict:
         del runners
         suite = {"ci_size_g2d": [], "paper_size_g2d": []}
         for k in args.suite_k:
+            if args.budget_s and time.perf_counter() - t0 > args.budget_s:
+                suite.setdefault("skipped_k", []).append(k)  # out of time: the JSON still gets written
+                continue
             suite["ci_size_g2d"].append(suite_ci(tmp, args.device, k, args.tiny))
             suite["paper_size_g2d"].append(suite_paper(tmp, size, args.device, k, args.suite_secs,
-                                                       cfg.trainer.epochs, size["n_train"]))
+                                                       cfg.trainer.epochs, size["n_train"], cfg))
             _log(f"suite k={k} done")
         return {
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
@@ -566,6 +572,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action="store_true", help="also time g2d with trainer.compile=true")
     ap.add_argument("--suite-k", type=int, nargs="*", default=None, help="runs per GPU (default 1 2 4 8; tiny 1 2)")
     ap.add_argument("--suite-secs", type=float, default=None, help="seconds per paper-size suite point")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="skip the remaining suite points once this many seconds have passed")
     ap.add_argument("--out", type=Path, default=ROOT / "reports/benchmarks/gpu_throughput.json")
     ap.add_argument("--md", type=Path, default=None, help="Markdown table (default: --out with .md)")
     args = ap.parse_args(argv)
