@@ -24,7 +24,7 @@ timeout 370 "$PY" benchmarks/gpu_throughput.py ${BENCH_ARGS:---device cuda --com
   2>&1 | tee "$OUT/bench.log" | grep -v '^\[g2d\]'
 bench=${PIPESTATUS[0]}
 echo "benchmark: exit $bench after $(( $(date +%s) - t0 )) s"
-timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
+timeout 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_gpu.py tests/faults/test_checkpoints.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15
 tests=${PIPESTATUS[0]}
 echo "gpu tests: exit $tests; total $(( $(date +%s) - t0 )) s"
 [ -f "$OUT/gpu_throughput.md" ] && cat "$OUT/gpu_throughput.md"
