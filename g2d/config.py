@@ -84,6 +84,12 @@ class TrainerConfig:
     # which epoch's weights a run keeps as `selected.pt` (teachers are distilled from it): best_val (the
     # default protocol) | best_test (the official code's rule, selection on the test set) | last
     select: str = "best_val"
+    # ---- the fast single-run GPU path (defaults = the CPU computation, unchanged) ----
+    resident_gib: float = 2.0  # a split whose arrays fit is held as tensors on the training device; else memory-mapped
+    prefetch: str = "auto"  # auto (CUDA + memory-mapped: pinned host batches, next one gathered in a thread) | on | off
+    drop_last: bool = False  # drop the last partial training batch (static shapes; the official loop keeps it)
+    check_every: int = 0  # NaN check every N steps (one host sync each); 0 = auto: 1 on CPU, 50 on CUDA
+    compile: bool = False  # torch.compile student and teachers (CUDA; falls back to eager with a one-line warning)
 
 
 @dataclass
@@ -111,6 +117,7 @@ class Schema:
     profile: str = "embedded"
     data_source: str = "standin"  # standin (embedded suite, offline) | real (fetched + prepared datasets)
     workers: int = 0  # parallel training processes on CPU (0 = one per core); results do not depend on it
+    workers_per_gpu: int = 1  # concurrent runs per visible GPU on CUDA (spawn pool); results do not depend on it
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -282,10 +282,36 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def n_workers(cfg: C.Schema, n_jobs: int) -> int:
-    """Parallel training processes: `workers` (0 = one per CPU core), never on CUDA (fork + CUDA)."""
+FAKE_GPUS = "G2D_FAKE_GPUS"  # tests: "0,1" pretends these GPUs are visible (runs still train on trainer.device)
+
+
+def visible_gpus(cfg: C.Schema) -> list[str]:
+    """The GPU ids a stage's runs are spread over: CUDA_VISIBLE_DEVICES' entries (else 0..n-1) on CUDA, only
+    N for trainer.device=cuda:N, none on the CPU. G2D_FAKE_GPUS overrides it so the pool is testable without one."""
+    fake = os.environ.get(FAKE_GPUS, "").strip()
+    if fake:
+        return [g.strip() for g in fake.split(",") if g.strip()]
     from g2d.train.seeding import resolve_device
 
+    dev = resolve_device(cfg.trainer.device)
+    if dev.type != "cuda":
+        return []
+    import torch
+
+    n = torch.cuda.device_count()
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [x.strip() for x in env.split(",") if x.strip()][:n] if env else [str(i) for i in range(n)]
+    return ids[dev.index:dev.index + 1] if dev.index is not None else ids
+
+
+def n_workers(cfg: C.Schema, n_jobs: int, gpus: list[str] | None = None) -> int:
+    """Parallel training processes: on the CPU `workers` (0 = one per core, fork pool); on CUDA `workers_per_gpu`
+    per visible GPU (spawn pool: CUDA cannot be forked)."""
+    from g2d.train.seeding import resolve_device
+
+    gpus = visible_gpus(cfg) if gpus is None else gpus
+    if gpus:
+        return max(1, min(len(gpus) * cfg.workers_per_gpu, n_jobs))
     if resolve_device(cfg.trainer.device).type != "cpu":
         return 1
     want = cfg.workers or (os.cpu_count() or 1)
@@ -332,12 +358,20 @@ def _stop_signals(raise_now: bool):
             signal.signal(s, h)
 
 
-def _child(cfg: C.Schema, job: Job, conn, threads: int) -> None:
-    """A pool worker: one run, result (or error) sent to the parent; draws no progress bar."""
+def _child(cfg: C.Schema, job: Job, conn, threads: int, gpu: str | None = None) -> None:
+    """A pool worker: one run, result (or error) sent to the parent; draws no progress bar. A GPU slot's worker
+    sees only its GPU (CUDA_VISIBLE_DEVICES, set before CUDA starts), so `cuda:N` becomes its `cuda`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (and kills workers) on Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    tc = dataclasses.replace(cfg.trainer, progress="off")
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+        if tc.device.startswith("cuda"):
+            tc = dataclasses.replace(tc, device="cuda")
+        print(f"[g2d] worker {os.getpid()}: CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}: {job.run_dir}",
+              file=sys.stderr, flush=True)
     _init_worker(threads)
-    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, progress="off"))
+    cfg = dataclasses.replace(cfg, trainer=tc)
     try:
         msg = ("ok", _run_job(cfg, job))
     except BaseException as e:  # noqa: BLE001 - re-raised in the parent
@@ -363,26 +397,51 @@ def _drop_locks(jobs: list[Job], pids: set[int]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _pool(cfg: C.Schema, todo: list[Job], workers: int, progress, flag: dict) -> list[dict]:
+@contextmanager
+def _env(name: str, value: str | None):
+    """os.environ[name] = value for the block (a spawned child inherits the parent's environment at start)."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def _pool(cfg: C.Schema, todo: list[Job], workers: int, progress, flag: dict,
+          gpus: list[str] | None = None) -> list[dict]:
+    """`workers` processes at a time. CPU: forked. GPUs: spawned, one slot per (GPU, k < workers_per_gpu), each
+    worker pinned to its slot's GPU; the slots are filled round-robin over the GPUs."""
     from multiprocessing.connection import wait
 
     threads = max(1, (os.cpu_count() or 1) // workers)
-    ctx = multiprocessing.get_context("fork")
-    import torch._inductor  # noqa: F401  what deterministic mode imports (~1.6 s): once here, not in every child
+    ctx = multiprocessing.get_context("spawn" if gpus else "fork")
+    if not gpus:  # forked children inherit it: what deterministic mode imports (~1.6 s), once, not per child
+        import torch._inductor  # noqa: F401
+    slots = ([g for _ in range(cfg.workers_per_gpu) for g in gpus][:workers] if gpus else [None] * workers)
+    free = list(range(len(slots)))
     queue, running, done, error, late = list(range(len(todo))), {}, {}, None, set()
     try:
         while queue or running:
-            while queue and len(running) < workers and error is None and flag["signum"] is None:
-                i = queue.pop(0)
+            while queue and free and error is None and flag["signum"] is None:
+                i, slot = queue.pop(0), free.pop(0)
                 r, w = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_child, args=(cfg, todo[i], w, threads), daemon=True)
-                p.start()
+                p = ctx.Process(target=_child, args=(cfg, todo[i], w, threads, slots[slot]), daemon=True)
+                with _env("CUDA_VISIBLE_DEVICES", slots[slot]):
+                    p.start()
                 w.close()
-                running[r] = (i, p)
+                running[r] = (i, p, slot)
             if flag["signum"] is not None or not running:
                 break
             for r in wait(list(running), timeout=0.1):
-                i, p = running.pop(r)
+                i, p, slot = running.pop(r)
+                free.append(slot)
+                free.sort()
                 try:
                     kind, payload = r.recv()
                 except (EOFError, OSError):
@@ -400,16 +459,16 @@ def _pool(cfg: C.Schema, todo: list[Job], workers: int, progress, flag: dict) ->
     finally:
         if running:
             pids = set()
-            for r, (i, p) in running.items():
+            for r, (i, p, _) in running.items():
                 if p.is_alive():
                     os.kill(p.pid, signal.SIGKILL)
                 pids.add(p.pid)
-            for r, (i, p) in running.items():
+            for r, (i, p, _) in running.items():
                 p.join()
                 r.close()
                 if (todo[i].run_dir / "metrics.json").is_file():  # published just before the kill
                     late.add(i)
-            _drop_locks([todo[i] for i, _ in running.values()], pids)
+            _drop_locks([todo[i] for i, _, _ in running.values()], pids)
     if flag["signum"] is not None:
         finished = len(done) + len(late)
         raise Interrupted(flag["signum"], finished, len(todo) - finished)
@@ -420,7 +479,8 @@ def _pool(cfg: C.Schema, todo: list[Job], workers: int, progress, flag: dict) ->
 
 def run_jobs(cfg: C.Schema, jobs: list[Job], progress=None) -> list[dict]:
     """Train every job; on CPU each run goes to a forked worker (torch is imported once, runs are independent
-    and seeded, so results equal a sequential run's). Results come back in job order; jobs naming the
+    and seeded, so results equal a sequential run's); on CUDA to a spawned worker per (GPU, k) slot
+    (`workers_per_gpu`). Results come back in job order; jobs naming the
     same run folder are trained once (each run folder is also locked while it trains, see run_lock).
     SIGINT/SIGTERM stop every worker at once and raise Interrupted (finished runs are kept)."""
     from g2d.progress import Progress
@@ -429,7 +489,8 @@ def run_jobs(cfg: C.Schema, jobs: list[Job], progress=None) -> list[dict]:
     for j in jobs:
         unique.setdefault(j.run_dir, j)
     todo = list(unique.values())
-    workers = n_workers(cfg, len(todo))
+    gpus = visible_gpus(cfg)
+    workers = n_workers(cfg, len(todo), gpus)
     progress = progress or Progress(len(todo), live=False)
     with _stop_signals(raise_now=workers <= 1) as flag:
         if workers <= 1:
@@ -450,7 +511,7 @@ def run_jobs(cfg: C.Schema, jobs: list[Job], progress=None) -> list[dict]:
                 raise Interrupted(signal.SIGINT, len(done), len(todo) - len(done)) from None
         else:
             try:
-                done = _pool(cfg, todo, workers, progress, flag)
+                done = _pool(cfg, todo, workers, progress, flag, gpus)
             finally:
                 progress.close()
     for r in done:

@@ -40,6 +40,10 @@ SYNTAX_ONLY_PREFIX = {
     "dvc plots ": "exercised by tests/integration/test_dvc_ux.py (offline template, titles)",
     "dvc metrics ": "exercised by tests/integration/test_dvc_ux.py (headline keys)",
     "git checkout ": "restores the workspace's params.yaml; a git operation on the repository itself",
+    "g2d train method=g2d dataset=cremad trainer.device=cuda": "needs a CUDA GPU (tests/unit/test_gpu.py, -m gpu)",
+    "CUDA_VISIBLE_DEVICES=": "needs CUDA GPUs; the pool is tested with a fake GPU list (tests/unit/test_fast_path.py)",
+    "python benchmarks/gpu_throughput.py --device cpu --tiny": "exercised by tests/unit/test_gpu_benchmark.py",
+    "bash benchmarks/gpu_check.sh": "needs a CUDA GPU (about 8 minutes)",
 }
 # what a runnable command may start with: the rest (another program) must be classified above first
 RUNNABLE = re.compile(r"(g2d|dvc repro|dvc status|dvc dag|python -m g2d)\b")

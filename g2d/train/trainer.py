@@ -138,6 +138,7 @@ class Trainer:
             "method_params": C.to_dict(self.method.params), "data": self.data.meta,
             "inputs": self.inputs.describe(),
         }
+        self._eval_loaders: dict[str, BatchLoader] = {}
         self.fingerprint = C.fingerprint({**self.run_config, "source": provenance(self.device)["source_hash"],
                                           **({"teachers": self._teacher_ids()} if self.method.needs_teachers else {})})
 
@@ -157,7 +158,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, model, split: str) -> dict[str, float]:
         model.eval()
-        loader = BatchLoader(self.data.split(split), self.tc.eval_batch_size, self.device, task=self.spec.task)
+        loader = self._eval_loaders.get(split)
+        if loader is None:  # built once per run: a resident split is copied to the device once, not every epoch
+            loader = self._eval_loaders[split] = self._loader(split, self.tc.eval_batch_size)
         preds, per, labels = [], {m: [] for m in model.modalities}, []
         for batch in loader:
             batch = self.inputs.eval(batch)
@@ -250,9 +253,17 @@ class Trainer:
             return None
         return state
 
-    def _train(self) -> dict:
+    def _loader(self, split: str, batch_size: int, **kw) -> BatchLoader:
+        """A split's batches under the trainer's residency budget and prefetch setting (see g2d.train.loader)."""
+        tc = self.tc
+        prefetch = tc.prefetch == "on" or (tc.prefetch == "auto" and self.device.type == "cuda")
+        return BatchLoader(self.data.split(split), batch_size, self.device, task=self.spec.task,
+                           resident_bytes=int(tc.resident_gib * 1024**3), prefetch=prefetch, **kw)
+
+    def build_training(self) -> Training:
+        """Seeded model, optimizer, teachers, context and training batches of a fresh run (what `fit` trains;
+        benchmarks/gpu_throughput.py times `train_steps` on it)."""
         run, tc = self.run, self.tc
-        run.run_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(run.seed, tc.deterministic)
         model = build_model(self.method, self.spec, self.cfg.model).to(self.device)
         if self.device.type == "cuda":
@@ -267,13 +278,37 @@ class Trainer:
                 teachers[m] = load_teacher(teacher_path(tdir, run.dataset, m, run.seed), self.spec,
                                            self.cfg.model, m, self.device)
         self._teachers = {m: t.selected for m, t in teachers.items()}
+        if tc.compile:
+            for mod in (model, *teachers.values()):
+                compile_module(mod)
+        check = tc.check_every or (1 if self.device.type == "cpu" else 50)
         self._ctx = ctx = Context(spec=self.spec, device=self.device, epochs=tc.epochs, teachers=teachers,
-                                  amp=tc.amp, grad_clip=tc.grad_clip,
-                                  check_every=1 if self.device.type == "cpu" else 50, optimizer=opt)
+                                  amp=tc.amp, grad_clip=tc.grad_clip, check_every=check, optimizer=opt)
         gen = torch.Generator().manual_seed(run.seed)
         aug_gen = torch.Generator().manual_seed(augment_seed(run.seed))  # own stream: shuffling is unchanged
-        train = BatchLoader(self.data.split("train"), tc.batch_size, self.device, shuffle=True, generator=gen,
-                            task=self.spec.task)
+        train = self._loader("train", tc.batch_size, shuffle=True, generator=gen, drop_last=tc.drop_last)
+        return Training(model, opt, sched, ctx, gen, aug_gen, train)
+
+    def train_steps(self, st: Training, sums: dict[str, torch.Tensor], max_steps: int | None = None) -> int:
+        """One pass over the training batches (at most `max_steps`): loss terms summed on the device into `sums`
+        (no host sync here; the method's NaN check syncs every trainer.check_every steps). Returns the count."""
+        nb = 0
+        for batch in st.train:
+            batch = self.inputs.train(batch, st.aug_gen)  # teachers and student see the same augmented batch
+            terms = self.method.train_step(st.model, batch, st.opt, st.ctx)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v.float()
+            st.ctx.step += 1
+            nb += 1
+            if max_steps is not None and nb >= max_steps:
+                break
+        return nb
+
+    def _train(self) -> dict:
+        run, tc = self.run, self.tc
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        st = self.build_training()
+        model, opt, sched, ctx, gen, aug_gen = st.model, st.opt, st.sched, st.ctx, st.gen, st.aug_gen
         history: list[dict] = []
         start = 0
         ckpt_path = run.run_dir / "ckpt.pt"
@@ -309,13 +344,7 @@ class Trainer:
             sums: dict[str, torch.Tensor] = {}
             nb = 0
             try:
-                for batch in train:
-                    batch = self.inputs.train(batch, aug_gen)  # teachers and student see the same augmented batch
-                    terms = self.method.train_step(model, batch, opt, ctx)
-                    for k, v in terms.items():
-                        sums[k] = sums.get(k, 0) + v.float()
-                    ctx.step += 1
-                    nb += 1
+                nb = self.train_steps(st, sums)
             except NonFiniteLoss as e:  # the NaN guard stops this run, not the stage: recorded as diverged
                 diverged = {"epoch": epoch, "step": ctx.step if e.step is None else e.step, "terms": e.terms,
                             "message": str(e)}
@@ -376,8 +405,7 @@ class Trainer:
         state = model.state_dict()
         state.update(kept["model"])  # selected.pt holds no method-owned aux modules: keep the model's own
         model.load_state_dict(state)
-        loaders = [BatchLoader(self.data.split(split), self.tc.eval_batch_size, self.device, task=self.spec.task)
-                   for split in ("train", "test")]
+        loaders = [self._loader(split, self.tc.eval_batch_size) for split in ("train", "test")]
         vals = probes.probe_model(model, *loaders, self.inputs, self.spec.task, self.spec.num_outputs)
         out = {"rule": kept.get("rule"), "epoch": kept["epoch"], "test": vals}
         if self.spec.task == "classification":
@@ -437,6 +465,35 @@ class Trainer:
         atomic_write_text(run.run_dir / "metrics.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
         checkpoint.remove(ckpt_path)
         return result
+
+
+@dataclass
+class Training:
+    """What one run trains with (Trainer.build_training)."""
+
+    model: MultimodalModel
+    opt: torch.optim.Optimizer
+    sched: object
+    ctx: Context
+    gen: torch.Generator
+    aug_gen: torch.Generator
+    train: BatchLoader
+
+
+def compile_module(module: torch.nn.Module) -> bool:
+    """trainer.compile: `module.compile()` in place (state_dict keys unchanged, so checkpoints are the same files);
+    where torch.compile is unavailable or fails, one stderr line and the module stays eager. Errors that surface
+    only at the first compiled call fall back to eager too (torch._dynamo suppress_errors)."""
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True
+        module.compile()
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means: train eagerly
+        print(f"[g2d] warning: trainer.compile: torch.compile failed ({type(e).__name__}: {str(e)[:120]}); "
+              "training eagerly", file=sys.stderr)
+        return False
 
 
 def augment_seed(seed: int) -> int:

@@ -141,7 +141,7 @@ def test_rendered_recipes_show_each_value_and_source(rendered, profile, values):
     # the default column says which values the profile changes
     assert rows["trainer.epochs"][2] == "changed from `20`"
     assert rows["trainer.optimizer"][2] == "same"
-    assert rows["datasets.cremad.augment.visual.recipe"][2] == "changed from `none`"
+    assert rows["datasets.cremad.augment.visual.recipe"][2] == "changed from `crop_keep_flip`"
     assert rows["methods.ogm_ge.end_epoch"][2] == "changed from `50`"
 
 
