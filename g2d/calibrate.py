@@ -66,18 +66,18 @@ BASE_OVERRIDES = ["trainer.progress=off"]
 
 # Known gaps, rendered under each dataset's table (kept here so the report never hides them).
 NOTES: dict[str, str] = {
-    "cremad": "Teachers within 5 points. Joint-Train keeps the Figure-1 pattern (audio head at its teacher, "
-              "visual head collapsed), but the visual head stays above the published 27.4 and fused is ~5 above "
-              "67.5: a weaker visual within-pair signal lowers both further, and also the visual teacher "
-              "(measured trade-off; see the knobs).",
+    "cremad": "The visual frames train under `crop_keep_flip` (the official box and flip without the resize), the "
+              "audio spectrograms un-augmented, as in the official pipeline; that alone puts the visual teacher's "
+              "train-batch confidence below the audio teacher's, which is what makes SMP train visual first (the "
+              "order the paper describes). Known gap: the audio teacher sits at its Bayes ceiling (flip 0.1 and "
+              "pair-blind codes cap it near 62 % and rho_audio near 0.64), so unlike the real 300-epoch audio "
+              "teacher it cannot memorise its training set; the ordering comes from the augmentation side only.",
     "avmnist": "Teachers on target; fused ~3 below 69.8.",
-    "vggsound": "NOT calibrated within the embedded budget: 309 classes at ~4 training samples per class and "
-                "16-d features leave both teachers under-trained after 20 epochs (audio ~32 vs 43.4, visual "
-                "~15 vs 32.3), and under Joint-Train *both* heads collapse (the fused prediction needs both "
-                "heads), so the audio-dominant head pattern is not reproduced. The teacher ordering (audio > "
-                "visual) and a fused gain over both teachers hold. Measured: width 16 lifts the teachers "
-                "(audio ~51 with 1 seed, visual ~28) at ~1.7x the cost but both heads still collapse. Treat "
-                "VGGSound stand-in tables as smoke tests of the 309-class path.",
+    "vggsound": "NOT calibrated within the embedded budget, and run with 3 seeds only (suite.dataset_seeds: each "
+                "run costs ~6x a CREMA-D run): 309 classes at ~4 training samples per class and 16-d features leave "
+                "both teachers under-trained after 20 epochs, and under Joint-Train both heads collapse, so the "
+                "audio-dominant pattern is not reproduced. Treat VGGSound stand-in tables and claims rows as smoke "
+                "tests of the 309-class path; a reduced-class stand-in would be the next step.",
     "urfunny": "Unimodal targets unpublished: text made the strongest and fastest (assumption); fused within 4 "
                "of 62.6.",
     "iemocap": "No published targets for G2D's setup: qualitative ordering text > audio > visual.",

@@ -101,9 +101,15 @@ def evaluate(runs: pd.DataFrame, selection: str, smp: pd.DataFrame | None = None
         why = []
         if v == "inconclusive":
             half = (r.ci_high - r.ci_low) / 2
-            why.append(f"|diff| {abs(r.diff):.2f} within the suite's resolution (±{half:.2f} at n = {r.n})"
-                       if np.isfinite(half) else f"too few seeds (n = {r.n})")
-        why += [note for m in (r.a, r.b) if (note := _smp_note(smp, m, r.dataset))]
+            if not np.isfinite(half):
+                why.append(f"too few seeds (n = {r.n})")
+            elif abs(r.diff) <= half:
+                why.append(f"|diff| {abs(r.diff):.2f} within the suite's resolution (±{half:.2f} at n = {r.n})")
+            else:
+                why.append(f"p {r.p_value:.2g} before, {r.p_holm:.2g} after Holm over {len(df)} rows "
+                           f"(resolution ±{half:.2f} at n = {r.n})")
+        notes = [_smp_note(smp, m, r.dataset) for m in (r.a, r.b)]
+        why += [notes[0] or notes[1]] if any(notes) else []  # b's order only where a is no SMP method
         verdicts.append(v)
         reasons.append("; ".join(why))
     df["verdict"] = verdicts

@@ -59,7 +59,7 @@ def test_train_confidence_is_the_mean_true_class_probability():
             return {**b, "a": b["a"] * 0}  # "augmentation" that removes every signal: uniform probabilities
 
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0], [1.0, 1.0, 1.0]])
-    labels = torch.tensor([0, 2, 1])
+    labels = torch.tensor([0, 1, 1])  # row 1: the true class is not the most probable one
     loader = [{"a": logits[:2], "label": labels[:2]}, {"a": logits[2:], "label": labels[2:]}]
     out = probes.train_confidence(Fixed(), loader, Inputs(), torch.Generator())
     expect = torch.softmax(logits, 1)[torch.arange(3), labels].mean().item()
