@@ -78,8 +78,10 @@ NOTES: dict[str, str] = {
                 "both teachers under-trained after 20 epochs, and under Joint-Train both heads collapse, so the "
                 "audio-dominant pattern is not reproduced. Treat VGGSound stand-in tables and claims rows as smoke "
                 "tests of the 309-class path; a reduced-class stand-in would be the next step.",
-    "urfunny": "Unimodal targets unpublished: text made the strongest and fastest (assumption); fused within 4 "
-               "of 62.6.",
+    "urfunny": "Unimodal targets unpublished: text made the strongest and fastest (assumption). Under the LR step "
+               "and last-epoch selection of the 10-seed suite the audio head no longer collapses (it keeps more "
+               "than half of its teacher's margin over chance), so only the visual head shows the weak-modality "
+               "pattern; not recalibrated in this round.",
     "iemocap": "No published targets for G2D's setup: qualitative ordering text > audio > visual.",
     "misme": "Regression (R^2). Per-head R^2 under late (mean) fusion is not comparable with a teacher: each head "
              "learns about twice its share of the fused output, so a head that learned its best predictor "

@@ -277,7 +277,7 @@ def cmd_compare(args) -> None:
     cfg = _cfg(args)
     from g2d.report.compare import compare
 
-    for p in compare(Path(cfg.paths.reports), args.method):
+    for p in compare(Path(cfg.paths.reports), args.method, cfg.trainer.select):  # the rule the tables report
         print(f"[g2d] wrote {p}")
 
 

@@ -121,11 +121,18 @@ def test_readme_command_runs_on_the_ci_project(cmd, docs_project):
 
 
 def test_compare_runs_on_the_ci_project(docs_project):
-    """`g2d compare` (README: Adding a method) on the CI suite: Holm beside the raw p, and the seed caution."""
+    """`g2d compare` (README: Adding a method) on the CI suite: Holm beside the raw p, the seeds it rests on, and
+    the few-seeds caution only below MIN_SEEDS (tests/unit/test_report.py covers the caution itself)."""
+    import yaml
+
+    from g2d.report.compare import MIN_SEEDS
+
     res = run([sys.executable, "-m", "g2d.cli", "compare", "g2d"], docs_project, check=False)
     assert res.returncode == 0, res.stderr
     text = (docs_project / "reports/compare/g2d.md").read_text()
-    assert "| p (Holm) | p (raw) |" in text and "paired seed(s)" in text
+    seeds = len(yaml.safe_load((docs_project / "params.yaml").read_text())["suite"]["seeds"])
+    assert "| p (Holm) | p (raw) |" in text and f"n: paired seeds ({seeds} here)" in text
+    assert ("Few seeds" in text) == (seeds < MIN_SEEDS)
 
 
 # ---- --help ---------------------------------------------------------------------------------------------

@@ -48,5 +48,6 @@ def test_new_method_appears_beside_the_suite(ci_project, tmp_path):
     assert "| toy |" in md and "| joint |" in md and "| g2d |" in md
     run(["g2d", "compare", "toy"], proj)
     cmp = pd.read_csv(proj / "reports/compare/toy.csv")
-    assert set(cmp.vs) == {"joint", "g2d"} and (cmp.n == 3).all()
+    seeds = len(params["suite"]["seeds"])
+    assert set(cmp.vs) == {"joint", "g2d"} and (cmp.n == seeds).all()
     assert "toy against the suite" in (proj / "reports/compare/toy.md").read_text()
