@@ -149,9 +149,7 @@ def claims_context(runs: pd.DataFrame, smp: pd.DataFrame | None, selection: str,
     """reports/tables/claims.csv (written, then re-read: the page shows the file) and the template context."""
     df = claims.evaluate(runs, selection, smp)
     csv = out_dir / "tables" / "claims.csv"
-    tmp = csv.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False, float_format="%.6g")
-    tmp.replace(csv)
+    atomic_write_text(csv, df.to_csv(index=False, float_format="%.6g"))
     df = pd.read_csv(csv, keep_default_na=False, na_values=[""])
     df["reason"] = df["reason"].fillna("")
     rows = []

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from g2d.data.prepared import atomic_write_text
+
 COLUMNS = ["run", "method", "dataset", "seed", "modality", "share_first", "phase1_epochs"]
 
 
@@ -46,7 +48,5 @@ def write(runs_dir: Path, path: Path) -> Path:
                 share_max=("share_first", "max"), n=("seed", "nunique"), phase1_epochs=("phase1_epochs", "max"))
            .reset_index())
     path = Path(path)
-    tmp = path.with_suffix(".csv.tmp")
-    out.to_csv(tmp, index=False, float_format="%.4g")
-    tmp.replace(path)
+    atomic_write_text(path, out.to_csv(index=False, float_format="%.4g"))
     return path
