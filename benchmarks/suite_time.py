@@ -41,7 +41,7 @@ def measure(profile: str) -> dict:
         recs = [json.loads(li) for li in log.read_text().splitlines()]
         train = 0.0
         runs = 0
-        for f in (proj / "data/runs").rglob("metrics.json"):  # wall times stay out of the committed summaries
+        for f in (proj / "data/cache/runs").rglob("metrics.json"):  # wall times: only in the scratch copies
             train += json.loads(f.read_text())["train_time_s"]
             runs += 1
         by_cmd: dict[str, float] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 from g2d import registry
@@ -51,6 +52,13 @@ def method_hash(name: str) -> str:
         lines.append(f"{digest}  {rel}")
         h.update(f"{digest} {rel}\n".encode())
     return h.hexdigest() + "\n" + "\n".join(lines) + "\n"
+
+
+@lru_cache
+def code_id(name: str) -> str:
+    """Short form of method_hash: what a run's fingerprint and the committed summaries record of the code.
+    It covers exactly the files the stage depends on, so code outside them (reports, CLI) changes neither."""
+    return method_hash(name).split("\n", 1)[0][:16]
 
 
 def write_all(methods: list[str], out_dir: Path) -> list[Path]:

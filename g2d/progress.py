@@ -60,16 +60,22 @@ def _repro_process() -> tuple[int, str, list[str]] | None:
 
 
 def _stage_estimate(stage: str, runs: Path, workers: int) -> float | None:
-    """Seconds a training stage took last time here: sum of its runs' train_time_s / workers."""
+    """Seconds a training stage took last time here: sum of its runs' train_time_s / workers (from the scratch
+    copies, data/cache/runs: the published ones in data/runs carry no wall times)."""
     group, _, item = stage.partition("@")
-    folder = runs / group / item
     total, n = 0.0, 0
-    for f in sorted(folder.rglob("metrics.json")) if folder.is_dir() else []:
-        try:
-            total += float(json.loads(f.read_text()).get("train_time_s", 0.0))
-            n += 1
-        except (OSError, ValueError, AttributeError, TypeError):
-            continue
+    for base in (runs.parent / "cache" / runs.name, runs):
+        folder = base / group / item
+        for f in sorted(folder.rglob("metrics.json")) if folder.is_dir() else []:
+            try:
+                t = json.loads(f.read_text()).get("train_time_s")
+            except (OSError, ValueError, AttributeError, TypeError):
+                continue
+            if t is not None:
+                total += float(t)
+                n += 1
+        if n:
+            break
     return total / max(1, min(workers, n)) if n else None
 
 
@@ -185,7 +191,7 @@ class Progress:
             rule = (res.get("selected_checkpoint") or {}).get("rule") or "best_val"  # what the tables report
             sel, key = res["selection"][rule], res["primary_metric"]
             what = (f"test {key} {sel['test'][key]:.2f} ({rule} epoch {sel['epoch']}), "
-                    f"{res['train_time_s']:.1f}s")
+                    f"{res.get('train_time_s', 0.0):.1f}s")
         except (KeyError, TypeError, ValueError):
             what = "done"
         self._clear()

@@ -21,7 +21,7 @@ import pandas as pd
 
 from g2d import config as C
 from g2d.data.prepared import atomic_write_text, pid_alive
-from g2d.train.provenance import VOLATILE_HISTORY, committed_view
+from g2d.train.provenance import VOLATILE_HISTORY, committed_view, published_view
 
 
 def run_name(method: str, dataset: str, modality: str | None = None) -> str:
@@ -206,12 +206,30 @@ def _final_files(folder: Path) -> list[str]:
     return [n for name in FINAL for n in ((name + SUFFIX, name) if name.endswith(".pt") else (name,))]
 
 
-def _copy_run(src: Path, dst: Path) -> None:
-    """Copy a finished run's files (metrics.json last, each atomically, mtimes kept; identical ones skipped)."""
+def _published_bytes(path: Path) -> bytes:
+    """metrics.json / history.csv as a DVC output holds them (provenance.published_view): deterministic, so a
+    fresh clone's outputs hash to the md5 that dvc.lock records."""
+    if path.name == "metrics.json":
+        return (json.dumps(published_view(json.loads(path.read_text())), indent=2, sort_keys=True) + "\n").encode()
+    hist = pd.read_csv(path)
+    return hist.drop(columns=[c for c in VOLATILE_HISTORY if c in hist.columns]).to_csv(index=False).encode()
+
+
+def _copy_run(src: Path, dst: Path, publish: bool = False) -> None:
+    """Copy a finished run's files (metrics.json last, each atomically, mtimes kept; identical ones skipped).
+    `publish`: metrics.json and history.csv go in their published view, without wall times."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in _final_files(src):
         a, b = src / name, dst / name
         if not a.is_file():
+            continue
+        tmp = dst / f".{name}.{os.getpid()}.tmp"
+        if publish and name in ("metrics.json", "history.csv"):
+            data = _published_bytes(a)
+            if b.is_file() and b.read_bytes() == data:
+                continue
+            tmp.write_bytes(data)
+            os.replace(tmp, b)
             continue
         sa = a.stat()
         try:
@@ -220,7 +238,6 @@ def _copy_run(src: Path, dst: Path) -> None:
                 continue
         except FileNotFoundError:
             pass
-        tmp = dst / f".{name}.{os.getpid()}.tmp"
         shutil.copy2(a, tmp)
         os.replace(tmp, b)
 
@@ -231,7 +248,7 @@ def _publish(work: Path, out: Path) -> None:
         return
     for name in ("ckpt.pt", "ckpt.pt.sha256"):  # left by the layout that trained in the output folder
         (out / name).unlink(missing_ok=True)
-    _copy_run(work, out)
+    _copy_run(work, out, publish=True)
 
 
 def _seed_scratch(work: Path, out: Path) -> None:
@@ -527,7 +544,9 @@ def write_summary(summary_dir: Path, results: list[dict], method: str, dataset: 
     summary_dir = Path(summary_dir)
     summary_dir.mkdir(parents=True, exist_ok=True)
     name = summary_name(run_name(method, dataset, modality))
-    seeds = [committed_view(r) for r in results]
+    from g2d.codehash import code_id
+
+    seeds = [committed_view(r, code_id(method)) for r in results]
     atomic_write_text(summary_dir / f"{name}.json", json.dumps(
         {"run": name, "method": method, "dataset": dataset, "modality": modality, "seeds": seeds},
         indent=2, sort_keys=True) + "\n")

@@ -17,7 +17,7 @@ from g2d.data.prepared import atomic_write_text
 from g2d.report import smp_order
 
 COLUMNS = ["run", "method", "dataset", "modality", "source", "data_split", "seed", "selection", "epoch", "split", "metric",
-           "value", "source_hash"]
+           "value", "code_hash"]
 DIVERGED = "diverged"  # `metric` of the one row a diverged seed contributes (value NaN): never averaged, counted
 
 
@@ -32,7 +32,7 @@ def tidy(runs_dir: Path) -> pd.DataFrame:
                     "modality": summary.get("modality") or "", "source": res.get("source", "real"),
                     "data_split": res.get("split", "standard"), "seed": res["seed"], "selection": "",
                     "epoch": res["diverged"].get("epoch"), "split": "", "metric": DIVERGED,
-                    "value": float("nan"), "source_hash": res["provenance"].get("source_hash", "")})
+                    "value": float("nan"), "code_hash": res["provenance"].get("code_hash", "")})
                 continue
             for rule, sel in res["selection"].items():
                 for split in ("val", "test"):
@@ -42,7 +42,7 @@ def tidy(runs_dir: Path) -> pd.DataFrame:
                             "modality": summary.get("modality") or "", "source": res.get("source", "real"),
                             "data_split": res.get("split", "standard"),
                             "seed": res["seed"], "selection": rule, "epoch": sel["epoch"], "split": split,
-                            "metric": metric, "value": value, "source_hash": res["provenance"].get("source_hash", "")})
+                            "metric": metric, "value": value, "code_hash": res["provenance"].get("code_hash", "")})
             probed = res.get("diagnostics")  # probes and train-batch confidence of selected.pt (g2d.train.probes)
             if probed:
                 for split, metric, value in [(sp, k, v) for sp in ("test", "train")
@@ -52,7 +52,7 @@ def tidy(runs_dir: Path) -> pd.DataFrame:
                         "modality": summary.get("modality") or "", "source": res.get("source", "real"),
                         "data_split": res.get("split", "standard"), "seed": res["seed"],
                         "selection": probed["rule"], "epoch": probed["epoch"], "split": split, "metric": metric,
-                        "value": value, "source_hash": res["provenance"].get("source_hash", "")})
+                        "value": value, "code_hash": res["provenance"].get("code_hash", "")})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

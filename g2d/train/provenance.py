@@ -48,15 +48,29 @@ def provenance(device: torch.device) -> dict:
     }
 
 
-def committed_view(res: dict) -> dict:
-    """A run result as the committed summaries hold it: without the fields that differ between two
-    identical runs (wall times) or that a commit can never hold of itself (its own git sha). A fresh
-    clone's `dvc repro` must rewrite the summaries byte for byte; the full record stays in the run's
-    metrics.json under paths.runs."""
-    out = {k: v for k, v in res.items() if k not in ("run_dir", "train_time_s")}
+VOLATILE = ("run_dir", "train_time_s")  # differ between two identical runs
+VOLATILE_PROVENANCE = ("git_sha", "source_hash")  # a commit's own sha; a hash of every g2d file, report code included
+
+
+def published_view(res: dict) -> dict:
+    """A run's metrics.json as its DVC output (data/runs) holds it: without the fields that differ between
+    two identical runs (wall times), that a commit can never hold of itself (its own git sha), or that hash
+    code the stage does not depend on (`source_hash` covers every g2d file, so editing a report module would
+    change it). dvc.lock records the output's md5, so a fresh clone's `dvc repro` must write these files
+    byte for byte. The full record stays in the scratch copy (data/cache/runs)."""
+    out = {k: v for k, v in res.items() if k not in VOLATILE}
     if "provenance" in out:
-        out["provenance"] = {k: v for k, v in out["provenance"].items() if k != "git_sha"}
+        out["provenance"] = {k: v for k, v in out["provenance"].items() if k not in VOLATILE_PROVENANCE}
     return out
 
 
-VOLATILE_HISTORY = ("time_s",)  # history.csv columns left out of the committed summaries
+def committed_view(res: dict, code_hash: str = "") -> dict:
+    """A run result as the committed summaries (reports/runs) hold it: the published view plus `code_hash`,
+    the method's fingerprint that DVC tracks for the stage (g2d.codehash, data/code/<method>.txt)."""
+    out = published_view(res)
+    if code_hash and "provenance" in out:
+        out["provenance"]["code_hash"] = code_hash
+    return out
+
+
+VOLATILE_HISTORY = ("time_s",)  # history.csv columns left out of the published runs and committed summaries

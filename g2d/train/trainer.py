@@ -19,6 +19,7 @@ from g2d.data.prepared import Prepared, atomic_write_text
 from g2d.data.transforms import InputPipeline, resolve_augment
 from g2d.methods.base import Context, Method, NonFiniteLoss
 from g2d.models.model import MultimodalModel
+from g2d.codehash import code_id
 from g2d.runs import run_lock
 from g2d.train import checkpoint, metrics, probes
 from g2d.train.checkpoint import CheckpointError
@@ -139,7 +140,9 @@ class Trainer:
             "inputs": self.inputs.describe(),
         }
         self._eval_loaders: dict[str, BatchLoader] = {}
-        self.fingerprint = C.fingerprint({**self.run_config, "source": provenance(self.device)["source_hash"],
+        # the code part: the files the method's DVC stage depends on (g2d.codehash), not every g2d file, so the
+        # fingerprint (in metrics.json and each checkpoint) is the same in a fresh clone whose report code differs
+        self.fingerprint = C.fingerprint({**self.run_config, "source": code_id(run.method),
                                           **({"teachers": self._teacher_ids()} if self.method.needs_teachers else {})})
 
     def _teacher_ids(self) -> dict[str, str | None]:

@@ -75,11 +75,27 @@ def test_smp_order_is_the_share_of_phase1_batches(tmp_path):
 
 
 def test_committed_view_drops_what_differs_between_identical_runs():
-    res = {"seed": 0, "train_time_s": 3.2, "run_dir": "/x", "provenance": {"git_sha": "abc", "torch": "2"},
+    res = {"seed": 0, "train_time_s": 3.2, "run_dir": "/x", "params_hash": "p1",
+           "provenance": {"git_sha": "abc", "source_hash": "s1", "torch": "2"},
            "selection": {"last": {"test": {"acc": 1.0}}}}
     out = committed_view(res)
-    assert out == {"seed": 0, "provenance": {"torch": "2"}, "selection": {"last": {"test": {"acc": 1.0}}}}
+    assert out == {"seed": 0, "params_hash": "p1", "provenance": {"torch": "2"},
+                   "selection": {"last": {"test": {"acc": 1.0}}}}
     assert res["provenance"]["git_sha"] == "abc"  # the run's own record is untouched
+    # the stage's own method fingerprint replaces the all-source hashes
+    assert committed_view(res, "c0de")["provenance"] == {"torch": "2", "code_hash": "c0de"}
+
+
+def test_committed_summaries_carry_the_method_fingerprint_dvc_tracks():
+    """source_hash/params_hash hash every g2d file (a report edit would change them without staling the
+    stage); the summaries carry data/code/<method>.txt's hash instead, so a fresh clone rewrites them."""
+    from g2d.codehash import method_hash
+    for f in sorted((ROOT / "reports/runs").rglob("*.json"))[:40]:
+        s = json.loads(f.read_text())
+        want = method_hash(s["method"]).split("\n", 1)[0][:16]
+        for r in s["seeds"]:
+            assert "source_hash" not in r["provenance"] and "git_sha" not in r["provenance"], f
+            assert r["provenance"]["code_hash"] == want, f
 
 
 def test_committed_claims_table_matches_the_committed_run_summaries():
