@@ -1,4 +1,4 @@
-"""`g2d` command line: list | fetch | prepare | train | teacher | verify | codehash | aggregate | report | calibrate | compare.
+"""`g2d` command line: list | fetch | prepare | train | teacher | verify | codehash | summarise | aggregate | report | calibrate | compare.
 
 Arguments of the form key=value are Hydra overrides of params.yaml (`trainer.epochs=5`), accepted before
 or after the flags of a command.
@@ -255,6 +255,15 @@ def cmd_verify(args) -> None:
     print(f"[g2d] {data.root}: {n} arrays match meta.json (shape, dtype, size, labels, sha256)")
 
 
+def cmd_summarise(args) -> None:
+    cfg = _cfg(args)
+    from g2d.runs import summarise
+
+    out = Path(cfg.paths.reports) / "runs"
+    n = summarise(cfg, out)
+    print(f"[g2d] wrote {n} summaries (json + csv) in {out}/ from the runs in {cfg.paths.runs}/")
+
+
 def cmd_aggregate(args) -> None:
     cfg = _cfg(args)
     from g2d.report.aggregate import aggregate
@@ -436,6 +445,7 @@ def _main(argv: list[str]) -> int:
     add("verify", cmd_verify, "check a prepared dataset: every array's shape, size and sha256 against meta.json",
         dataset=True)
     add("codehash", cmd_codehash, "write per-method code fingerprints (data/code/<method>.txt)")
+    add("summarise", cmd_summarise, "finished runs (data/runs) -> the committed per-run summaries (reports/runs)")
     add("aggregate", cmd_aggregate, "per-run summaries -> tidy tables (reports/tables/*.csv)")
     add("report", cmd_report, "tables -> rendered reports (Markdown, LaTeX, HTML)")
     sub.add_parser("calibrate", add_help=False,

@@ -540,7 +540,8 @@ def run_jobs(cfg: C.Schema, jobs: list[Job], progress=None) -> list[dict]:
 
 def write_summary(summary_dir: Path, results: list[dict], method: str, dataset: str,
                   modality: str | None) -> None:
-    """The committed per-(method, dataset) files: metrics of every seed (json) and histories (csv)."""
+    """The committed per-(method, dataset) files: metrics of every seed (json) and histories (csv). Each result
+    names its run folder (`run_dir`) whose history.csv the csv concatenates."""
     summary_dir = Path(summary_dir)
     summary_dir.mkdir(parents=True, exist_ok=True)
     name = summary_name(run_name(method, dataset, modality))
@@ -554,6 +555,47 @@ def write_summary(summary_dir: Path, results: list[dict], method: str, dataset: 
     hist = hist.drop(columns=[c for c in VOLATILE_HISTORY if c in hist.columns])
     summary_dir.joinpath(f".{name}.csv.tmp").unlink(missing_ok=True)  # fixed name of older versions
     atomic_write_text(summary_dir / f"{name}.csv", hist.to_csv(index=False, float_format="%.6g"))
+
+
+def summary_plan(cfg: C.Schema) -> list[tuple[Path, str, str, str | None, list[Path]]]:
+    """(summary folder relative to reports/runs, method, dataset, modality, run folders in seed order) of every
+    committed summary of the suite: the teachers of each dataset, then each group's methods on its datasets."""
+    from g2d import registry
+
+    runs = Path(cfg.paths.runs)
+    plan = []
+    for ds in cfg.suite.datasets:
+        seeds = C.suite_seeds(cfg, ds)
+        for mod in registry.get_dataset(ds).spec.modality_names:
+            dirs = [runs / run_name("unimodal", ds, mod) / f"s{s}" for s in seeds]
+            plan.append((Path("teachers") / ds, "unimodal", ds, mod, dirs))
+    for group, g in cfg.suite.groups.items():
+        for method in g.methods:
+            for ds in g.datasets:
+                dirs = [runs / group / method / run_name(method, ds) / f"s{s}" for s in C.suite_seeds(cfg, ds)]
+                plan.append((Path(group) / method, method, ds, None, dirs))
+    return plan
+
+
+def summarise(cfg: C.Schema, out_root: Path) -> int:
+    """`g2d summarise`: the committed summaries (reports/runs) rebuilt from the published runs (data/runs, the
+    train stages' DVC outputs, deterministic bytes). A separate stage so that the train stages have only
+    cached outputs: DVC's run-cache skips a stage with any uncached non-metric output, and with it restoring
+    earlier params without training. Returns the number of summaries written."""
+    plan = summary_plan(cfg)
+    missing = [d / "metrics.json" for *_, dirs in plan for d in dirs if not (d / "metrics.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} not found ({len(missing)} runs missing): the summaries are built "
+                                f"from finished runs; run `dvc repro` (or the train stage of that run) first")
+    for sub, method, ds, mod, dirs in plan:
+        results = []
+        for d in dirs:
+            res = json.loads((d / "metrics.json").read_text())
+            res["run"] = summary_name(run_name(method, ds, mod))
+            res["run_dir"] = d.as_posix()
+            results.append(res)
+        write_summary(Path(out_root) / sub, results, method, ds, mod)
+    return len(plan)
 
 
 def train_many(cfg: C.Schema, pairs: list[tuple[str, str, str | None]], seeds: list[int] | dict[str, list[int]],

@@ -23,7 +23,8 @@ MIN_SEEDS = 5  # below this many paired seeds a comparison's p-values are flagge
 
 
 def paired(runs: pd.DataFrame, method: str, selection: str = "best_val") -> pd.DataFrame:
-    sel = runs[(runs.selection == selection) & (runs.split == "test") & (runs.modality.fillna("") == "")]
+    fused = runs.modality.isna() | (runs.modality.astype(str) == "")  # no per-modality rows (fillna("") warns on floats)
+    sel = runs[(runs.selection == selection) & (runs.split == "test") & fused]
     mine = sel[sel.method == method]
     if mine.empty:
         raise FileNotFoundError(f"no runs of {method!r} in the aggregated table: add it to "

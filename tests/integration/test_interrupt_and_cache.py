@@ -110,3 +110,31 @@ def test_non_tty_progress_is_one_line_per_run(prepared):
                                                                     r"[\d.]+ .*\[\d/5\]", li)]
     assert len(per_run) == 5 and sorted(li[-4:-3] for li in per_run) == list("12345"), res.stdout
     assert res.stdout.splitlines()[-1].startswith("[g2d] main@joint: 5 runs done (5 trained, 0 kept) in "), res.stdout
+
+
+def test_returning_to_earlier_params_restores_from_the_run_cache(ci_project, tmp_path):
+    """Issue 16: change a param, repro, change it back, repro: nothing trains. The scratch area (data/cache/runs,
+    where g2d itself would find the finished runs) is removed first, so only DVC's run-cache can restore them;
+    it does so only for a stage whose outputs are all cached (the summaries come from the `summarise` stage)."""
+    import shutil
+
+    import yaml
+
+    proj = tmp_path / "proj"
+    shutil.copytree(ci_project, proj, symlinks=True)
+    params = proj / "params.yaml"
+    original = params.read_text()
+    before = (proj / "reports/runs/main/g2d/g2d-cremad.json").read_bytes()
+    edited = yaml.safe_load(original)
+    edited["methods"]["g2d"] = {"temperature": 2.0}
+    params.write_text(yaml.safe_dump(edited, sort_keys=False))
+    changed = run([sys.executable, "-m", "dvc", "repro"], proj).stdout
+    assert "Running stage 'main@g2d'" in changed and re.search(r"g2d-cremad seed \d+: test acc", changed)
+    assert (proj / "reports/runs/main/g2d/g2d-cremad.json").read_bytes() != before
+
+    params.write_text(original)
+    shutil.rmtree(proj / "data/cache/runs")
+    back = run([sys.executable, "-m", "dvc", "repro"], proj).stdout
+    assert "Stage 'main@g2d' is cached - skipping run, checking out outputs" in back, back[-3000:]
+    assert not re.search(r"seed \d+: test acc", back) and "Running stage 'main@g2d'" not in back, back[-3000:]
+    assert (proj / "reports/runs/main/g2d/g2d-cremad.json").read_bytes() == before
