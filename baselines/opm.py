@@ -179,7 +179,9 @@ class OPM(Method):
             feats, keep = drop_features(feats, q, self.params.rescale)
         ctx.record(opm_exec=float(execute), **{f"q_{m}": q[i] for i, m in enumerate(mods)},
                    **{f"rho_{m}": rho[i] for i, m in enumerate(mods)},
-                   **{f"kept_{m}": (keep[i].mean() if execute else 1.0) for i, m in enumerate(mods)})
+                   # always a tensor: the epoch's log of one key is stacked, floats and tensors do not mix
+                   **{f"kept_{m}": (keep[i].float().mean() if execute else torch.ones((), device=q.device))
+                      for i, m in enumerate(mods)})
         return model.head(feats)
 
     def train_step(self, model, batch, optimizer, ctx):

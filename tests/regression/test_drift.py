@@ -1,17 +1,21 @@
 """Metric-drift goldens of the CI profile (pytest-regressions). CI never regenerates them.
 
-Tolerance: CPU runs here are bit-deterministic (same seed -> same metrics), so the only noise is
-floating-point differences between machines; one test sample is 100/n_test points (1.7 on the CI
-profile's 60-sample test split), the measured seed spread of the CI profile is several points. An
-absolute tolerance of 0.5 points therefore absorbs float noise yet catches a single changed
-prediction: any real change to a method, the data generator or the trainer shows up. After a
-deliberate change: `pytest tests/regression --force-regen`, review the diff, commit the goldens.
+Tolerance: CPU runs here are bit-deterministic (same seed -> same metrics) on one machine; between machines
+the CPU kernels' float rounding differs (g2d pins them to AVX2, g2d/cpu_isa.py, but oneDNN's blocking and MKL
+may still vary). Measured between the machine of the previous goldens and an AVX2 one: 1 of the 200 per-run
+values changed, by exactly one test sample (100/60 = 1.67 points on the CI profile's 60-sample test split: one
+flipped prediction, and 1.43 in that run's F1), and no table cell by more than 0.33. So a run may move by one
+test sample (TOL_RUN = 1.75) and a table cell (mean or std over 10 seeds, where one flip moves a mean by 0.17)
+by 0.5 (TOL): two changed predictions in one run, or any real change to a method, the data generator or the
+trainer (the measured seed spread of the CI profile is several points), still fails. After a deliberate change:
+`pytest tests/regression --force-regen`, review the diff, commit the goldens.
 """
 from __future__ import annotations
 
 import pandas as pd
 
 TOL = 0.5
+TOL_RUN = 1.75  # one test sample of the CI profile (1.67) plus margin
 
 
 def _runs(project) -> dict:
@@ -23,7 +27,7 @@ def _runs(project) -> dict:
 def test_per_run_metrics_golden(ci_project, num_regression):
     data = _runs(ci_project)
     assert data, "no runs aggregated"
-    num_regression.check({k: v for k, v in data.items()}, default_tolerance={"atol": TOL, "rtol": 0})
+    num_regression.check({k: v for k, v in data.items()}, default_tolerance={"atol": TOL_RUN, "rtol": 0})
 
 
 def test_rendered_table_golden(ci_project, num_regression):

@@ -293,3 +293,26 @@ def test_params_refused():
         OPM(OPMParams(multi="max"), spec)
     with pytest.raises(ValueError, match="regression"):
         OPM(OPMParams(), tiny_spec(2, task="regression"))
+
+
+def test_epoch_log_reduces_as_the_trainer_does_when_some_steps_skip_the_drop():
+    """The trainer stacks each key's per-step values at the epoch's end (g2d/train/trainer.py): with the p_exe gate
+    some steps drop and some do not, and every key must still hold tensors only (a float among tensors crashed
+    the first embedded-suite run)."""
+    spec = tiny_spec(2)
+    torch.manual_seed(0)
+    model = _model(spec)
+    method = OPM(OPMParams(p_exe=0.5, warmup_epochs=0), spec)
+    ctx = _ctx(spec, epoch=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    method.setup(model, ctx)
+    model.train()
+    for i in range(30):
+        method.train_step(model, make_batch(spec, 8, seed=i), opt, ctx)
+    gate = [float(v) for v in ctx.log["opm_exec"]]
+    assert 0 < sum(gate) < len(gate), gate  # both kinds of step happened
+    for k, v in ctx.log.items():
+        kinds = {torch.is_tensor(x) for x in v}
+        assert len(kinds) == 1, f"{k}: floats and tensors mixed (the trainer's stack fails on whichever comes first)"
+        red = float(torch.as_tensor(v).float().mean()) if not torch.is_tensor(v[0]) else float(torch.stack(v).mean())
+        assert math.isfinite(red), k
