@@ -50,6 +50,9 @@ How the dataloader re-sampling is emulated (the Method protocol has no data pass
     row of a B-batch does in the official loop and one epoch's summed gradient is the official epoch's to
     first order; the loss is reported as `task` (originals) + `resample` (copies). `"mean"`: / (B + n).
     A copy is the same augmented tensor as its original (the official loads each copy with fresh random crops).
+    A step's batch can grow to (1 + 3k) B rows (sample level, early training when most predictions are wrong),
+    so memory and the step's loss grow with it; `trainer.grad_clip` and `amp` act on the whole extended step
+    (the official uses neither). A step without copies is the Joint-Train step (bitwise).
 (2) Sample-level valuation timing: the official values every training sample after epoch e (eval mode, a
     separate pass with train-time augmentation, sample_level.py l.83-122, 260-262) and re-samples epoch e+1
     from it. Here each batch is valued just before its step (eval mode, no grad, the same augmented batch), and
@@ -61,8 +64,9 @@ How the dataloader re-sampling is emulated (the Method protocol has no data pass
     replacement from one end-of-epoch pass over all N), the means roll over at the start of e+1 (state,
     checkpointed). Each step of e+1 then adds floor(d B + u) copies (u ~ U(0, 1), torch's generator: d B in
     expectation, int(d N) per epoch in the official), rows drawn uniformly with replacement from the batch
-    (official: from the whole set). Valuation starts in epoch warmup-1, copies in epoch warmup. An epoch with
-    no valued sample gives no copies in the next.
+    (official: from the whole set). Valuation starts in epoch warmup-1, copies in epoch warmup
+    (`warmup_epochs: 0`: copies from epoch 1). An epoch with no valued sample gives no copies in the next.
+    The checkpointed state is the epoch's sums and count (c^m is rebuilt from them at the next epoch start).
 (4) `drop="inputs"` zeroes the other modalities' inputs instead of features, in the valuation and the copies
     (BalanceBenchmark: validation_step `padding`, SampleDataset zeroing, __init__.py l.191-196): an option.
 (5) k > 2 (not in the paper's code, which is audio-visual): (V)/(PHI) are the exact Shapley values over all
@@ -86,7 +90,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from g2d.methods.base import Method, task_loss
+from g2d.methods.base import Method
 from g2d.registry import register_method
 
 VALUES = ("size", "indicator")
