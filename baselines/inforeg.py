@@ -198,11 +198,12 @@ class InfoReg(Method):
         gap = score_gaps(s, self.params.multi)
         beta = regulation_coefficients(gap, self.gammas.to(s.device), open_)
         groups = model.modality_parameters()
+        beta_host = beta.tolist() if open_ else [0.0] * len(beta)  # one device sync per step
         for i, m in enumerate(self.modalities()):
-            if open_ and bool(beta[i] > 0):  # (R) grad += beta (theta - theta^(e)), official l.489-495
+            if beta_host[i] > 0:  # (R) grad += beta (theta - theta^(e)), official l.489-495
                 for p, a in zip(groups[m], self.anchor[m]):
                     if p.grad is not None:
-                        p.grad.add_(p.detach() - a, alpha=float(beta[i]))
+                        p.grad.add_(p.detach() - a, alpha=beta_host[i])
             with torch.no_grad():  # (F) sum_layers mean(g_W^2) after (R), official l.507-514
                 sq = [p.grad.float().pow(2).mean() for p in groups[m] if p.dim() >= 2 and p.grad is not None]
                 if sq:
