@@ -110,6 +110,32 @@ class ModelConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """submitit's AutoExecutor options for `executor.kind: slurm` (one job-array task per run)."""
+
+    partition: str = ""  # empty: the cluster's default partition
+    gpus_per_job: int = 1
+    cpus_per_job: int = 4
+    mem_gb: int = 16
+    timeout_min: int = 240
+    array_parallelism: int = 64  # concurrently running array tasks
+    max_requeue: int = 3  # a preempted or timed-out task is requeued this often and resumes from its checkpoint
+    poll_s: float = 10.0  # how often the waiting stage refreshes its queued / running / done / failed counts
+    log_dir: str = "data/slurm"  # submitit's per-job stdout/stderr/pickles
+    sbatch: dict[str, Any] = field(default_factory=dict)  # extra sbatch flags, e.g. {account: x, qos: y}
+
+
+@dataclass
+class ExecutorConfig:
+    """Where training runs execute; results do not depend on it (same seeds, same metrics), so no stage tracks it.
+    local: this machine (fork pool on CPU, per-GPU spawn pool on CUDA); slurm: submitit job arrays;
+    submitit-local: submitit's LocalExecutor (the slurm code path on this machine, for tests and dry runs)."""
+
+    kind: str = "local"
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
 class Schema:
     method: str = "joint"
     dataset: str = "cremad"
@@ -118,6 +144,7 @@ class Schema:
     data_source: str = "standin"  # standin (embedded suite, offline) | real (fetched + prepared datasets)
     workers: int = 0  # parallel training processes on CPU (0 = one per core); results do not depend on it
     workers_per_gpu: int = 1  # concurrent runs per visible GPU on CUDA (spawn pool); results do not depend on it
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

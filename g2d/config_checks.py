@@ -93,6 +93,15 @@ CHECKS: dict[str, Rule] = {
     "data_source": one_of(("standin", "real")),
     "workers": at_least(0),
     "workers_per_gpu": at_least(1),
+    "executor.kind": one_of(("local", "slurm", "submitit-local")),
+    "executor.slurm.gpus_per_job": at_least(0),
+    "executor.slurm.cpus_per_job": at_least(1),
+    "executor.slurm.mem_gb": at_least(1),
+    "executor.slurm.timeout_min": at_least(1),
+    "executor.slurm.array_parallelism": at_least(1),
+    "executor.slurm.max_requeue": at_least(0),
+    "executor.slurm.poll_s": real_in(0, lo_open=True),
+    "executor.slurm.log_dir": NON_EMPTY,
     "suite.seeds": list_of(at_least(0), distinct=True),
     "paths.raw": NON_EMPTY,
     "paths.prepared": NON_EMPTY,
@@ -143,6 +152,8 @@ CHECKED_ELSEWHERE: dict[str, str] = {
     "extra_modules": "imported (an ImportError names the module)",
     "reports": "g2d report (g2d/report/render.py)",
     "sources": "tests/unit/test_recipes.py (profiles.paper)",
+    "executor.slurm.partition": "str (empty: the cluster's default partition)",
+    "executor.slurm.sbatch": "a map of extra sbatch flags, passed to submitit as slurm_additional_parameters",
 }
 
 

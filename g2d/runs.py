@@ -506,9 +506,18 @@ def run_jobs(cfg: C.Schema, jobs: list[Job], progress=None) -> list[dict]:
     for j in jobs:
         unique.setdefault(j.run_dir, j)
     todo = list(unique.values())
+    progress = progress or Progress(len(todo), live=False)
+    if cfg.executor.kind != "local":  # SLURM (or submitit's local executor): g2d.executor
+        from g2d.executor import submit
+
+        with _stop_signals(raise_now=False) as flag:
+            try:
+                done = submit(cfg, todo, progress, flag)
+            finally:
+                progress.close()
+        return _in_job_order(jobs, todo, unique, done)
     gpus = visible_gpus(cfg)
     workers = n_workers(cfg, len(todo), gpus)
-    progress = progress or Progress(len(todo), live=False)
     with _stop_signals(raise_now=workers <= 1) as flag:
         if workers <= 1:
             done = []
@@ -531,6 +540,10 @@ def run_jobs(cfg: C.Schema, jobs: list[Job], progress=None) -> list[dict]:
                 done = _pool(cfg, todo, workers, progress, flag, gpus)
             finally:
                 progress.close()
+    return _in_job_order(jobs, todo, unique, done)
+
+
+def _in_job_order(jobs: list[Job], todo: list[Job], unique: dict[Path, Job], done: list[dict]) -> list[dict]:
     for r in done:
         r.pop(KEPT, None)
     by_dir = {j.run_dir: r for j, r in zip(todo, done)}
