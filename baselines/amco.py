@@ -50,8 +50,10 @@ Deviations and choices, numbered:
       of a saved model would differ from the trained predictor. `star_head: true` attaches it as `model.aux`
       (PyTorch's default Linear init) and `predict` applies it (the trainer's evaluation).
   (3) BalanceBenchmark expands the class mask to 2 rows (BB-T l.82, `mask_t.expand(2, -1)`), which only
-      broadcasts against the (B, C) shares after its DataParallel wrapper scatters it over 2 devices (one row
-      each, `avclassify_model.py` l.153-165); the intended single mask per step is implemented.
+      broadcasts against the (B, C) shares after its DataParallel wrapper (`MultiModalParallel.forward`,
+      `avclassify_model.py` l.170-185) scatters the kwargs over 2 devices (one identical row each; on one device
+      the (B, C) * (2, C) product would fail for B != 2); the intended single mask per step is implemented.
+  (3b) One host sync per active step: the flags (A5) are read back (`.tolist()`), as BalanceBenchmark's `bool()`.
   (4) BalanceBenchmark's unused parameters: `alpha: 0.1`, `method: "None"`, `U: 512` and `modality: 2` are read
       (BB-T l.22-30) but never used; they are not parameters here (U is the feature width in `features` mode).
   (5) Randomness: the mask positions come from torch.randperm on the CPU generator (BalanceBenchmark:

@@ -53,6 +53,9 @@ def test_mask_rate_schedule_by_hand():
         assert rates == pytest.approx(hand)
     assert [int(r * 6) for r in rates] == [0, 3, 5, 6, 6]
     assert method.l_t == pytest.approx(0.5)
+    prog = AMCo(AMCoParams(schedule="progress"), spec)  # option: l_t = epoch / epochs
+    ctx.epoch = 1
+    assert prog.rate(ctx) == pytest.approx(math.sin(math.pi / 2 * (1 / 4) / 0.3))
 
 
 def test_dependence_by_hand():
