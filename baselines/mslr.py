@@ -18,7 +18,7 @@ GeWu-Lab/BalanceBenchmark @4c1482fca5aaa8d4278af8e26020daa039e3ccf3 has no MSLR 
 Per step, for every modality m, with the global learning rate eta of the shared optimizer:
   (L1) eta_m = c_m * r_m * eta, c_m = `coeffs[m]` (the code's `*_lr_init_coeff`: CREMA-D audio 0.9, visual 1.1,
        CREMAD_main.py l.195-196; AV-MNIST audio 1.3, visual 0.7; UR-Funny audio 0.9, visual 1.4, text 0.7),
-       r_m the dynamic ratio of (L3) (1 while `ratio="off"`, the default). A modality missing from `coeffs`
+       r_m the dynamic ratio of (L3) (1 while `ratio="fixed"`, the default). A modality missing from `coeffs`
        gets c_m = 1.
   (L2) eta_m applies to modality m's parameters: its encoder and the parameters of its own fusion head
        (the code: every parameter under `audio_net`/`audio_cls`, resp. `visual_*`, l.203-209). Fusion-head
@@ -50,7 +50,7 @@ How (L1) is applied (`apply`):
 
 Deviations, numbered:
   (1) No validation hook. The Method protocol (g2d/methods/base.py) gets no validation metrics and no data
-      pass, and g2d/ is frozen, so (L3) cannot be fed with held-out accuracies. `ratio="off"` (default):
+      pass, and g2d/ is frozen, so (L3) cannot be fed with held-out accuracies. `ratio="fixed"` (default):
       r_m = 1, i.e. fixed modality-specific rates c_m eta (the code's behaviour up to (L3); on the code's own
       CREMA-D runs r_m only departs from 1 after epoch 6 and then tracks a_m(t) / mean of the last 5).
       `ratio="train"`: a PROXY, neither the paper's nor the code's: a_m(t) is modality m's classifier accuracy
@@ -63,7 +63,7 @@ Deviations, numbered:
       so its "audio accuracy" equals the visual accuracy and both ratios follow the visual modality on CREMA-D.
       Not reproduced: `ratio="train"` uses each modality's own accuracy.
   (4) k > 2 modalities: (L1)-(L3) are per modality and need no pairing; every modality gets its own c_m (the code's
-      UR-Funny run does exactly this with three coefficients). Regression: `ratio="off"` works unchanged (only
+      UR-Funny run does exactly this with three coefficients). Regression: `ratio="fixed"` works unchanged (only
       learning rates); `ratio="train"` needs accuracies and is refused for regression.
   (5) The per-modality parameter sets come from `model.modality_parameters()` and `model.head_parameters()`
       (never name substrings); a parameter in two modalities' head lists is shared and keeps eta, see (L2).
@@ -78,7 +78,7 @@ from g2d.methods.base import Method, scale_grads
 from g2d.registry import register_method
 
 APPLY = ("lr", "grad")
-RATIO = ("off", "train")
+RATIO = ("fixed", "train")  # not "off": YAML 1.1 (OmegaConf) reads a bare off as False
 
 
 @dataclass
@@ -86,7 +86,7 @@ class MSLRParams:
     # c_m of (L1): AGM_ICCV2023@5a65542 run/CREMAD_main.py l.195-196 (audio 0.9, visual 1.1); missing modality: 1
     coeffs: dict[str, float] = field(default_factory=dict)
     apply: str = "lr"  # lr: exact per-modality learning rate (paper) | grad: scale gradients (official code)
-    ratio: str = "off"  # off: r_m = 1 | train: (L3) on training-batch accuracy (proxy, deviation (1))
+    ratio: str = "fixed"  # fixed: r_m = 1 | train: (L3) on training-batch accuracy (proxy, deviation (1))
     window: int = 5  # W of (L3): CREMAD_main.py l.672 `len(audio_lr_memory) < 5`
     start_epoch: int = 0  # (L4) 0-based inclusive (code: --modulation_starts 0 over 1-based epochs)
     end_epoch: int = 19  # (L4) 0-based inclusive (code: --modulation_ends 20 = 1-based epoch 20)
@@ -129,7 +129,7 @@ class MSLR(Method):
             raise ValueError(f"methods.mslr.ratio={params.ratio!r} not in {RATIO} (params.yaml)")
         if params.ratio == "train" and spec.task != "classification":
             raise ValueError(f"methods.mslr.ratio=train needs accuracies: dataset {spec.name} is {spec.task} "
-                             "(set methods.mslr.ratio=off)")
+                             "(set methods.mslr.ratio=fixed)")
         if params.window < 1:
             raise ValueError(f"methods.mslr.window={params.window} must be >= 1 (params.yaml)")
         bad = {m: c for m, c in dict(params.coeffs or {}).items() if not float(c) > 0}
