@@ -59,7 +59,7 @@ def compare(reports_dir: Path, method: str, selection: str = "best_val") -> list
     runs_csv = reports_dir / "tables" / "runs.csv"
     if not runs_csv.is_file():
         raise FileNotFoundError(f"{runs_csv} not found: run `g2d aggregate` first")
-    runs = pd.read_csv(runs_csv, keep_default_na=False, na_values=[""])
+    runs = pd.read_csv(runs_csv, keep_default_na=False, na_values=[""], dtype={"modality": str})  # as render.py
     df = paired(runs, method, selection)
     out = reports_dir / "compare"
     out.mkdir(parents=True, exist_ok=True)
