@@ -141,7 +141,7 @@ def test_shadow_losses_and_window_weights():
     lv = F.cross_entropy(head(enc(ho["audio"])), ho["label"])  # held-out loss, eval mode
     acc = method.hist[-1][0]
     torch.testing.assert_close(acc, torch.tensor([float(lt.detach()) * int((~held).sum()), float((~held).sum()),
-                                                  float(lv) * int(held.sum()), float(held.sum())]))
+                                                  float(lv.detach()) * int(held.sum()), float(held.sum())]))
     # the shadows stepped; the main model's step is the plain blended one (shadows do not leak into it)
     assert any(not torch.equal(a, c) for a, c in zip(before.parameters(), method.shadows.parameters()))
     ref_m, _, ref_opt, ref_ctx = _build(spec, p)
