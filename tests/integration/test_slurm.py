@@ -60,7 +60,7 @@ def _squeue_running() -> list[str]:
 def test_scancelled_job_is_resubmitted_and_resumes(slurm, ci_project, tmp_path):
     proj = ci_project
     cmd = [str(Path(sys.executable).parent / "g2d"), "train", "method=joint", "dataset=cremad", "seed=7",
-           "+datasets.cremad.trainer.epochs=60", "trainer.checkpoint_every=1", f"paths.runs={tmp_path / 'runs'}",
+           "+datasets.cremad.trainer.epochs=400", "trainer.checkpoint_every=1", f"paths.runs={tmp_path / 'runs'}",
            *(f"executor.slurm.{k}={v}" for k, v in SLURM["slurm"].items() if k not in ("sbatch", "partition")),
            "executor.kind=slurm", f"executor.slurm.log_dir={tmp_path / 'logs'}"]
     run_dir = tmp_path / "runs" / "joint-cremad" / "s7"
