@@ -6,11 +6,9 @@ import shutil
 
 import pytest
 
-pytest.importorskip("submitit")
-
-from g2d.executor import RunTask, make_executor  # noqa: E402
-from g2d.runs import prepared_dir, train_many  # noqa: E402
-from tests.helpers import tiny_config, write_tiny_cremad  # noqa: E402
+from g2d.executor import RunTask, make_executor
+from g2d.runs import prepared_dir, train_many
+from tests.helpers import tiny_config, write_tiny_cremad
 
 BASE = ["trainer.epochs=2", "trainer.batch_size=8", "trainer.device=cpu", "trainer.checkpoint_every=1",
         "trainer.num_threads=1"]
