@@ -126,6 +126,8 @@ class AMCo(Method):
     """Mask the dependent (dominant) modality's class-logit share (or features) with a growing rate; co-optimise."""
 
     Params = AMCoParams
+    fusions = LOGIT_FUSIONS
+    fusion_need = "masks the modalities' shares of the fused logits"
     tasks = ("classification",)  # class mask and unimodal CE need class labels (deviation 6)
 
     def __init__(self, params, spec):
@@ -142,13 +144,6 @@ class AMCo(Method):
         self.l_t = 0.0
         self.dependent = [False] * len(self.modalities())
         self._star = None
-
-    @classmethod
-    def check_config(cls, tc, mcfg) -> None:
-        fusion = getattr(cls, "fusion", None) or mcfg.fusion
-        if fusion not in LOGIT_FUSIONS:  # deviation 7 (the method's params are not seen here)
-            raise ValueError(f"amco masks the modalities' shares of the fused logits: set model.fusion to one of "
-                             f"{LOGIT_FUSIONS}, got {fusion!r}")
 
     def aux_module(self, model):
         if not self.params.star_head:
@@ -226,19 +221,14 @@ class AMCo(Method):
             if active and self.params.unimodal_loss:  # (A4) BB-T l.143-145
                 for m, s in zip(self.modalities(), shares):
                     terms[f"uni_{m}"] = F.cross_entropy(s.float(), y)
-        total = sum(terms.values())
-        ctx.check_finite(total, terms)
-        total.backward()
-        self.after_backward(model, ctx)
-        self.clip_gradients(model, ctx)
-        optimizer.step()
+        res = self.optimize(model, optimizer, ctx, terms)
         if active:  # (A5) dependence for the next step, from this step's (masked) shares
             d = dependence(shares)
             self.dependent = [bool(v) for v in (d > self.params.sigma).tolist()]
             for i, m in enumerate(self.modalities()):
                 ctx.record(**{f"D_{m}": d[i]})
         self.l_t += ctx.epoch / 10  # BB-T l.83 (every step, in or out of the window)
-        return {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
+        return res
 
     def state_dict(self) -> dict:
         return {"l_t": self.l_t, "dependent": list(self.dependent)}

@@ -125,6 +125,8 @@ class CML(Method):
     """CE over nested modality subsets + a hinge on confidence increases when a modality is removed."""
 
     Params = CMLParams
+    fusions = CML_FUSIONS
+    fusion_need = "removes a modality's read-out from the fusion head"
     tasks = ("classification",)  # (C3) is a softmax maximum
 
     def __init__(self, params, spec):
@@ -139,13 +141,6 @@ class CML(Method):
         self.fusion = None
         self.epoch_order: torch.Tensor | None = None  # (k,) the epoch's removal order (order="epoch")
         self.order_epoch = -1
-
-    @classmethod
-    def check_config(cls, tc, mcfg) -> None:
-        fusion = getattr(cls, "fusion", None) or mcfg.fusion
-        if fusion not in CML_FUSIONS:
-            raise ValueError(f"cml removes a modality's read-out from the fusion head: set model.fusion to one of "
-                             f"{CML_FUSIONS}, got {fusion!r}")
 
     def setup(self, model, ctx) -> None:
         if not isinstance(model.fusion, (LateFusion, SumFusion, ConcatFusion)):

@@ -264,12 +264,7 @@ class GBlend(Method):
                    else out.logits)
             terms = {"fused": w[-1] * task_loss(self.spec, out.fused, y),  # (L) w_fused L_fused
                      "uni": sum(w[i] * task_loss(self.spec, uni[m], y) for i, m in enumerate(self.modalities()))}
-        total = terms["fused"] + terms["uni"]
-        ctx.check_finite(total, terms)
-        total.backward()
-        self.clip_gradients(model, ctx)
-        optimizer.step()
-        return {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
+        return self.optimize(model, optimizer, ctx, terms)
 
     def _shadow_step(self, model, tr, ho, n_tr, n_ho, ctx) -> None:
         acc = self.hist[-1]

@@ -97,6 +97,8 @@ class LFM(Method):
     """2 (alpha_sup(e) CE(fused) + alpha_align(e) D(p_a, p_v)) with the official fitted epoch schedule."""
 
     Params = LFMParams
+    fusions = LFM_FUSIONS
+    fusion_need = "aligns the modalities' own predictions"
     tasks = ("classification",)  # (L2) compares class distributions
 
     def __init__(self, params, spec):
@@ -109,13 +111,6 @@ class LFM(Method):
             raise ValueError(f"methods.lfm.divergence={params.divergence!r} not in {DIVERGENCES} (params.yaml)")
         if not 0.0 <= params.alpha_sup <= 1.0 or params.horizon < 0:
             raise ValueError("methods.lfm.alpha_sup must be in [0, 1] and methods.lfm.horizon >= 0 (params.yaml)")
-
-    @classmethod
-    def check_config(cls, tc, mcfg) -> None:
-        fusion = getattr(cls, "fusion", None) or mcfg.fusion
-        if fusion not in LFM_FUSIONS:
-            raise ValueError(f"lfm aligns the modalities' own predictions: set model.fusion to one of "
-                             f"{LFM_FUSIONS}, got {fusion!r}")
 
     def alphas(self, ctx) -> tuple[float, float]:
         e = ctx.epoch * self.params.horizon / ctx.epochs if self.params.horizon > 0 else ctx.epoch

@@ -80,6 +80,8 @@ class MBSD(Method):
     """BalanceBenchmark's MBSD: fused + unimodal CE, confidence-gap-weighted KL and logit-matching terms."""
 
     Params = MBSDParams
+    fusions = MBSD_FUSIONS
+    fusion_need = "trains the modalities' own predictions"
     tasks = ("classification",)
 
     def __init__(self, params, spec):
@@ -88,13 +90,6 @@ class MBSD(Method):
             raise ValueError(f"{self.name} supports {self.tasks} only; dataset {spec.name} is {spec.task}")
         if params.rs_on not in RS_ON:
             raise ValueError(f"methods.mbsd.rs_on={params.rs_on!r} not in {RS_ON} (params.yaml)")
-
-    @classmethod
-    def check_config(cls, tc, mcfg) -> None:
-        fusion = getattr(cls, "fusion", None) or mcfg.fusion
-        if fusion not in MBSD_FUSIONS:
-            raise ValueError(f"mbsd trains the modalities' own predictions: set model.fusion to one of "
-                             f"{MBSD_FUSIONS}, got {fusion!r}")
 
     def in_window(self, epoch: int) -> bool:
         return self.params.start_epoch <= epoch <= self.params.end_epoch

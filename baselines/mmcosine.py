@@ -81,6 +81,8 @@ class _CosineReadout:
 @register_method("mmcosine")
 class MMCosine(Method):
     Params = MMCosineParams
+    fusions = HEAD_FUSIONS
+    fusion_need = "needs one linear head per modality"
     tasks = ("classification",)  # (3) is a softmax cross-entropy over class logits
 
     def __init__(self, params, spec):
@@ -93,13 +95,6 @@ class MMCosine(Method):
             raise ValueError(f"methods.mmcosine.fused_eval={params.fused_eval!r} not in {FUSED_EVAL} (params.yaml)")
         self.heads = None  # the model's per-modality heads (model.fusion.heads), set in setup
         self._hooks: list = []
-
-    @classmethod
-    def check_config(cls, tc, mcfg) -> None:
-        fusion = getattr(cls, "fusion", None) or mcfg.fusion
-        if fusion not in HEAD_FUSIONS:
-            raise ValueError(f"mmcosine needs one linear head per modality: set model.fusion=late (or sum), "
-                             f"got {fusion!r}")
 
     def setup(self, model, ctx) -> None:
         if not isinstance(model.fusion, (LateFusion, SumFusion)):

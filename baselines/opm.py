@@ -190,13 +190,7 @@ class OPM(Method):
         with ctx.autocast():
             out = self.modulated_output(model, batch, ctx)
             terms = self.loss(batch, out, ctx)  # (O3) task loss on the fused prediction only
-        total = sum(terms.values())
-        ctx.check_finite(total, terms)
-        total.backward()
-        self.after_backward(model, ctx)
-        self.clip_gradients(model, ctx)
-        optimizer.step()
-        return {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
+        return self.optimize(model, optimizer, ctx, terms)
 
 
 @register_method("oprm")

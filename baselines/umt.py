@@ -76,6 +76,8 @@ class UMEParams:
 @register_method("ume")
 class UME(Method):
     Params = UMEParams
+    fusions = ("late", "sum")
+    fusion_need = "needs independent per-modality heads"
 
     def __init__(self, params, spec):
         super().__init__(params, spec)
@@ -83,13 +85,6 @@ class UME(Method):
             raise ValueError(f"methods.ume.combine={params.combine!r} not in (logits, probs) (params.yaml)")
         if params.combine == "probs" and spec.task != "classification":
             raise ValueError("methods.ume.combine=probs needs a classification dataset; use logits")
-
-    @classmethod
-    def check_config(cls, tc, mcfg):
-        fusion = getattr(cls, "fusion", None) or mcfg.fusion
-        if fusion not in ("late", "sum"):
-            raise ValueError(f"ume needs independent per-modality heads: model.fusion must be late or sum, "
-                             f"got {fusion!r} (set model.fusion=late for ume)")
 
     def setup(self, model, ctx):
         independent = isinstance(model.fusion, (LateFusion, SumFusion))

@@ -245,13 +245,7 @@ class _Valuation(Method):
         ce = F.cross_entropy(out.fused.float(), y, reduction="none")
         denom = b if self.params.reduction == "batch" else b + rows.numel()
         terms = {"task": ce[:b].sum() / denom, "resample": ce[b:].sum() / denom}
-        total = terms["task"] + terms["resample"]
-        ctx.check_finite(total, terms)
-        total.backward()
-        self.after_backward(model, ctx)
-        self.clip_gradients(model, ctx)
-        optimizer.step()
-        return {"loss": total.detach(), **{k: v.detach() for k, v in terms.items()}}
+        return self.optimize(model, optimizer, ctx, terms)
 
     def _record(self, ctx, phi: torch.Tensor, counts: torch.Tensor) -> None:
         mods = self.modalities()

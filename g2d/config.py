@@ -323,6 +323,11 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+# TrainerConfig fields left out of a run's fingerprint: they cannot change what a run computes (the progress
+# display; how often a resumable checkpoint is written, resume being exact: tests/unit/test_methods_smoke.py::test_resume_matches_uninterrupted)
+RESULT_NEUTRAL_TRAINER = ("progress", "checkpoint_every")
+
+
 def fingerprint(obj: Any) -> str:
     """Stable short hash of a config object (dataclass / dict)."""
     blob = json.dumps(to_dict(obj), sort_keys=True, default=str)

@@ -2,7 +2,8 @@
 
 A method contributes loss terms (`loss`), gradient modulation between backward and step
 (`after_backward`), optionally its own step (`train_step`) or inference rule (`predict`), its own
-trainable modules (`aux_module`), and state that must survive a checkpoint. The trainer owns data, optimisation, eval and checkpoints.
+trainable modules (`aux_module`), a reaction to each epoch's validation metrics (`on_epoch_end`), and state
+that must survive a checkpoint. The trainer owns data, optimisation, eval and checkpoints.
 """
 from __future__ import annotations
 
@@ -91,6 +92,10 @@ class Method:
     name: ClassVar[str] = "base"
     Params: ClassVar[type] = NoParams
     needs_teachers: ClassVar[bool] = False
+    # the model.fusion values the method can train with (None: any), refused at config time by check_config;
+    # `fusion_need` says why, in the one-line error ("<name> <fusion_need>: set model.fusion to one of ...")
+    fusions: ClassVar[tuple[str, ...] | None] = None
+    fusion_need: ClassVar[str] = "cannot train with this fusion"
 
     def __init__(self, params: Any, spec: DatasetSpec):
         self.params = params
@@ -102,7 +107,12 @@ class Method:
         options this method cannot honour: raise ValueError saying which and what to set. `tc` is the run's
         TrainerConfig, `mcfg` the ModelConfig (a fusion plug-in's `cls.fusion` replaces `mcfg.fusion`).
         Every shared trainer option (e.g. `trainer.grad_clip`, applied by `clip_gradients`) is valid for
-        every method in this repository; only choices a method cannot train with are refused here."""
+        every method in this repository; only choices a method cannot train with are refused here.
+        The default refuses a fusion outside `cls.fusions`; an override should call super()."""
+        fusion = getattr(cls, "fusion", None) or mcfg.fusion
+        if cls.fusions is not None and fusion not in cls.fusions:
+            raise ValueError(f"{cls.name} {cls.fusion_need}: set model.fusion to one of {cls.fusions}, "
+                             f"got {fusion!r}")
 
     def modalities(self) -> tuple[str, ...]:
         """Modalities of the model this method trains (teachers: one)."""
@@ -123,6 +133,14 @@ class Method:
     def on_epoch_start(self, model: nn.Module, ctx: Context) -> None:
         pass
 
+    def on_epoch_end(self, model: nn.Module, ctx: Context, metrics: dict[str, float]) -> None:
+        """Between two epochs: `metrics` are epoch `ctx.epoch`'s validation metrics as the trainer computed them
+        (`acc`, `f1` / `rmse`...; `loss`; per head `acc_<m>`, `loss_<m>`...; never a test metric). Called after
+        the epoch was evaluated and its weights kept (trainer.select) and before its resumable checkpoint, so
+        what the method changes here (its state, the model's or `ctx.optimizer`'s) takes effect from the next
+        epoch and survives a resume. Not called after the final epoch: the model evaluated and reported last
+        is the one saved."""
+
     def loss(self, batch: dict, out, ctx: Context) -> dict[str, torch.Tensor]:
         return {"task": task_loss(self.spec, out.fused, batch["label"])}
 
@@ -135,6 +153,12 @@ class Method:
         with ctx.autocast():
             out = model(batch)
             terms = self.loss(batch, out, ctx)
+        return self.optimize(model, optimizer, ctx, terms)
+
+    def optimize(self, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: Context,
+                 terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tail of every step: NaN guard, backward, `after_backward`, clipping, optimizer step; returns the
+        detached terms with their sum as `loss`. A method with its own forward calls it with its terms."""
         total = sum(terms.values())
         ctx.check_finite(total, terms)
         total.backward()

@@ -17,7 +17,7 @@ from g2d import config as C
 from g2d import registry
 from g2d.data.prepared import Prepared, atomic_write_text
 from g2d.data.transforms import InputPipeline, resolve_augment
-from g2d.methods.base import Context, Method, NonFiniteLoss
+from g2d.methods.base import Context, Method, NonFiniteLoss, task_loss
 from g2d.models.model import MultimodalModel
 from g2d.codehash import code_id
 from g2d.runs import run_lock
@@ -134,7 +134,10 @@ class Trainer:
         self.inputs = InputPipeline(meta, augment)
         self.run_config = {
             "method": run.method, "dataset": run.dataset, "seed": run.seed,
-            "trainer": C.to_dict(self.tc), "model": C.to_dict(cfg.model),
+            # trainer options that cannot change a result (display, checkpoint spacing: resume is exact) stay out,
+            # so a run trained in-process (progress bar) and one from a pool worker (progress off) are the same run
+            "trainer": {k: v for k, v in C.to_dict(self.tc).items() if k not in C.RESULT_NEUTRAL_TRAINER},
+            "model": C.to_dict(cfg.model),
             "fusion": getattr(self.method, "fusion", None) or cfg.model.fusion,
             "method_params": C.to_dict(self.method.params), "data": self.data.meta,
             "inputs": self.inputs.describe(),
@@ -177,8 +180,10 @@ class Trainer:
         n_cls = self.spec.num_outputs
         res = metrics.compute(self.spec.task, torch.cat(preds), y, n_cls)
         for m in model.modalities:
-            for k, v in metrics.compute(self.spec.task, torch.cat(per[m]), y, n_cls).items():
+            logits = torch.cat(per[m])
+            for k, v in metrics.compute(self.spec.task, logits, y, n_cls).items():
                 res[f"{k}_{m}"] = v
+            res[f"loss_{m}"] = float(task_loss(self.spec, logits, y))  # the head's mean task loss (MSES)
         return res
 
     # ---- training ---------------------------------------------------------------------------
@@ -368,6 +373,9 @@ class Trainer:
             self._keep_selected(model, history)
             if sched is not None:
                 sched.step()
+            if epoch < tc.epochs - 1:  # between epochs; validation metrics only (Method.on_epoch_end)
+                self.method.on_epoch_end(model, ctx, {k.removeprefix("val/"): v for k, v in row.items()
+                                                      if k.startswith("val/")})
             name = metrics.primary_metric(self.spec.task)[0]
             bar.set_postfix({f"val_{name}": f"{row[f'val/{name}']:.2f}"})
             last = epoch == tc.epochs - 1

@@ -124,7 +124,8 @@ def test_ume_fusion_refused_at_config_time(tmp_path):
 
     from g2d.config import ConfigError
 
-    with pytest.raises(ConfigError, match="late or sum"):
+    with pytest.raises(ConfigError, match=r"ume needs independent per-modality heads: set model.fusion to one of "
+                       r"\('late', 'sum'\), got 'concat'"):
         tiny_config(tmp_path, ["method=ume", "model.fusion=concat"])
 
 

@@ -1,7 +1,7 @@
 """Every registered method (and `joint+<plugin>` for every plug-in) on tiny 2-/3-modality specs.
 
 Emulates the trainer's contract on CPU: seed, build model + optimizer, `setup`, per epoch
-`model.train()` + `on_epoch_start` + `train_step`; resume = fresh model/optimizer/method loaded
+`model.train()` + `on_epoch_start` + `train_step` + `on_epoch_end` (head metrics of a fixed batch); resume = fresh model/optimizer/method loaded
 from a checkpoint file, RNG restored, then `setup`, exactly in the trainer's order. A method opts
 out of a task with a class attribute `tasks = ("classification",)`; a fusion plug-in's class
 attribute `fusion` picks the model's fusion head, as the trainer does.
@@ -16,7 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from g2d import registry
 from g2d.config import TrainerConfig
-from g2d.methods.base import Context
+from g2d.methods.base import Context, task_loss
 from g2d.models.model import MultimodalModel
 from g2d.train import checkpoint
 from g2d.train.seeding import rng_state, seed_everything, set_rng_state
@@ -79,13 +79,29 @@ def _build(cls, spec):
     return method, model, opt, ctx
 
 
+def _val_metrics(model, spec) -> dict[str, float]:
+    """What the trainer hands `on_epoch_end`: each head's validation accuracy (classification) and loss."""
+    model.eval()
+    with torch.no_grad():
+        batch = make_batch(spec, 8, seed=77)
+        out = model(batch)
+    res = {}
+    for m in model.modalities:
+        res[f"loss_{m}"] = float(task_loss(spec, out.logits[m], batch["label"]))
+        if spec.task == "classification":
+            res[f"acc_{m}"] = 100.0 * float((out.logits[m].argmax(1) == batch["label"]).float().mean())
+    return res
+
+
 def _epoch(method, model, opt, ctx, epoch: int) -> dict:
-    """One trainer epoch of a single batch (batches differ per epoch)."""
+    """One trainer epoch of a single batch (batches differ per epoch), then the between-epochs hook."""
     ctx.epoch, ctx.log = epoch, {}
     model.train()
     method.on_epoch_start(model, ctx)
     terms = method.train_step(model, make_batch(ctx.spec, 6, seed=10 + epoch), opt, ctx)
     ctx.step += 1
+    if epoch < ctx.epochs - 1:
+        method.on_epoch_end(model, ctx, _val_metrics(model, ctx.spec))
     return terms
 
 

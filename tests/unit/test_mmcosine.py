@@ -159,7 +159,8 @@ def test_config_refusals():
     for fusion in ("late", "sum"):
         MMCosine.check_config(None, tiny_model_cfg(fusion))
     for fusion in ("concat", "film", "gated"):
-        with pytest.raises(ValueError, match="set model.fusion=late"):
+        with pytest.raises(ValueError, match=r"mmcosine needs one linear head per modality: set model.fusion to one "
+                           r"of \('late', 'sum'\), got '"):
             MMCosine.check_config(None, tiny_model_cfg(fusion))
     spec = tiny_spec(2)
     with pytest.raises(ValueError, match="set model.fusion=late"):
