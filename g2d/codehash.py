@@ -1,7 +1,7 @@
 """Per-method code fingerprints, so DVC re-runs only the stages whose method code changed.
 
 `g2d codehash` writes data/code/<method>.txt: a hash of the source files that define the method
-(every module in its class hierarchy, plug-ins included) plus the shared core (trainer, models,
+(every module in its class hierarchy, plug-ins included, and the method modules those use) plus the shared core (trainer, models,
 prepared-data reader). A train stage depends on its method's file alone; DVC compares contents, so
 an unchanged hash leaves the stage up to date even though this stage always runs.
 """
@@ -32,14 +32,34 @@ def _core_files() -> list[Path]:
     return out
 
 
+# method code lives here: a module of these packages that a method's modules use (a helper imported from another
+# baseline, e.g. PMR's `ogm_ratios` from baselines.ogm_ge) is part of that method's code
+METHOD_PACKAGES = ("baselines", "g2d.methods")
+
+
+def _uses(mod) -> set[str]:
+    """Names of the method-package modules whose functions, classes or module objects `mod`'s namespace holds."""
+    out = set()
+    for v in vars(mod).values():
+        name = v.__name__ if inspect.ismodule(v) else getattr(v, "__module__", None)
+        if isinstance(name, str) and name.split(".")[0] in ("baselines", "g2d") and \
+                name.startswith(METHOD_PACKAGES) and name in sys.modules:
+            out.add(name)
+    return out
+
+
 def method_files(name: str) -> list[Path]:
+    """Every module of the method's class hierarchy, the method-package modules they use (transitively), the core."""
     cls = registry.get_method(name)
-    files = set()
-    for klass in inspect.getmro(cls):
-        mod = sys.modules.get(klass.__module__)
-        f = getattr(mod, "__file__", None)
-        if f and not klass.__module__.startswith(("builtins", "abc")):
-            files.add(Path(f).resolve())
+    todo = [k.__module__ for k in inspect.getmro(cls) if not k.__module__.startswith(("builtins", "abc"))]
+    seen: set[str] = set()
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo += sorted(_uses(sys.modules[m]) - seen) if m.startswith(METHOD_PACKAGES) else []
+    files = {Path(f).resolve() for m in seen if (f := getattr(sys.modules.get(m), "__file__", None))}
     return sorted(files | {p.resolve() for p in _core_files()})
 
 

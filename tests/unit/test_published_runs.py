@@ -63,3 +63,29 @@ def test_run_fingerprint_follows_the_method_code_hash(tmp_path, monkeypatch):
     monkeypatch.setattr(T, "code_id", lambda m: "another-code")
     assert Trainer(cfg, spec).fingerprint != first
     assert registry.get_method("joint")  # the registry the fingerprint was read from
+
+
+@pytest.mark.parametrize("name,helper", [("pmr", "baselines/ogm_ge.py"), ("opm", "baselines/ogm_ge.py"),
+                                         ("gblend", "baselines/mmpareto.py"), ("mses", "baselines/mslr.py")])
+def test_code_fingerprint_covers_helper_modules_a_method_imports(name, helper):
+    """A helper imported from another baseline (PMR's and OPM's `ogm_ratios`, Gradient-Blending's unimodal heads,
+    MSES's `modality_groups`) is the method's code: editing it must re-run that method's stage."""
+    files = {f.relative_to(codehash.ROOT).as_posix() for f in codehash.method_files(name)}
+    assert helper in files
+    assert "baselines/agm.py" not in files  # a baseline the method does not use is not its code
+
+
+def test_run_fingerprint_ignores_only_result_neutral_trainer_options(tmp_path):
+    """In-process runs (progress bar on) and pool or SLURM workers (progress off) train the same run, whatever the
+    checkpoint spacing; an option that changes the computation changes the fingerprint."""
+    cfg = tiny_config(tmp_path, ["trainer.epochs=1", "trainer.batch_size=8"])
+    write_tiny_cremad(prepared_dir(cfg, "cremad"))
+
+    def fp(*overrides):
+        c = tiny_config(tmp_path, ["trainer.epochs=1", "trainer.batch_size=8", *overrides])
+        return Trainer(c, RunSpec("joint", "cremad", 0, Path(c.paths.runs) / "j/s0", prepared_dir(c, "cremad"),
+                                  Path(c.paths.runs))).fingerprint
+
+    base = fp()
+    assert fp("trainer.progress=on") == fp("trainer.progress=auto") == fp("trainer.checkpoint_every=3") == base
+    assert fp("trainer.batch_size=4") != base and fp("trainer.lr=0.5") != base and fp("trainer.check_every=2") != base
