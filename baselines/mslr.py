@@ -49,14 +49,13 @@ How (L1) is applied (`apply`):
        gradient's scale up to eps). Offered to reproduce the code; not a learning rate under Adam.
 
 Deviations, numbered:
-  (1) No validation hook. The Method protocol (g2d/methods/base.py) gets no validation metrics and no data
-      pass, and g2d/ is frozen, so (L3) cannot be fed with held-out accuracies. `ratio="fixed"` (default):
-      r_m = 1, i.e. fixed modality-specific rates c_m eta (the code's behaviour up to (L3); on the code's own
-      CREMA-D runs r_m only departs from 1 after epoch 6 and then tracks a_m(t) / mean of the last 5).
+  (1) Validation, not test, accuracies feed (L3). `ratio="val"` (params.yaml's value): a_m(t) is modality m's head accuracy
+      on the validation split after epoch t, as the trainer computed it (`Method.on_epoch_end`'s `acc_<m>`),
+      applied from epoch t+1 as in the code. `ratio="fixed"`: r_m = 1, fixed modality-specific rates c_m eta
+      (the code's behaviour up to (L3): on its CREMA-D runs r_m departs from 1 only after epoch 6).
       `ratio="train"`: a PROXY, neither the paper's nor the code's: a_m(t) is modality m's classifier accuracy
-      over the training batches of epoch t (train mode, under the drifting parameters, as
-      `out.logits[m]`), updated by (L3) at the start of epoch t+1. A faithful (L3) needs a hook such as
-      `Method.on_epoch_end(model, ctx, metrics)` receiving the epoch's `val/acc_<m>` (see the report).
+      over the training batches of epoch t (train mode, under the drifting parameters, as `out.logits[m]`),
+      updated by (L3) at the start of epoch t+1 (the only choice before the trainer had the hook).
   (2) The code selects and ratios on the test set (`test_dataloader`); this benchmark never feeds test data to a
       method.
   (3) The code's CREMA-D `test` l.402-404 increments the audio accuracy counter inside the visual-correct branch,
@@ -64,7 +63,7 @@ Deviations, numbered:
       Not reproduced: `ratio="train"` uses each modality's own accuracy.
   (4) k > 2 modalities: (L1)-(L3) are per modality and need no pairing; every modality gets its own c_m (the code's
       UR-Funny run does exactly this with three coefficients). Regression: `ratio="fixed"` works unchanged (only
-      learning rates); `ratio="train"` needs accuracies and is refused for regression.
+      learning rates); `ratio="val"` and `"train"` need accuracies and are refused for regression.
   (5) The per-modality parameter sets come from `model.modality_parameters()` and `model.head_parameters()`
       (never name substrings); a parameter in two modalities' head lists is shared and keeps eta, see (L2).
 """
@@ -78,7 +77,7 @@ from g2d.methods.base import Method, scale_grads
 from g2d.registry import register_method
 
 APPLY = ("lr", "grad")
-RATIO = ("fixed", "train")  # not "off": YAML 1.1 (OmegaConf) reads a bare off as False
+RATIO = ("val", "fixed", "train")  # not "off": YAML 1.1 (OmegaConf) reads a bare off as False
 
 
 @dataclass
@@ -86,7 +85,9 @@ class MSLRParams:
     # c_m of (L1): AGM_ICCV2023@5a65542 run/CREMAD_main.py l.195-196 (audio 0.9, visual 1.1); missing modality: 1
     coeffs: dict[str, float] = field(default_factory=dict)
     apply: str = "lr"  # lr: exact per-modality learning rate (paper) | grad: scale gradients (official code)
-    ratio: str = "fixed"  # fixed: r_m = 1 | train: (L3) on training-batch accuracy (proxy, deviation (1))
+    # val: (L3) on validation head accuracies (params.yaml's choice) | fixed: r_m = 1 (the default here: valid for
+    # every task) | train: (L3) on training batches (proxy); deviation (1)
+    ratio: str = "fixed"
     window: int = 5  # W of (L3): CREMAD_main.py l.672 `len(audio_lr_memory) < 5`
     start_epoch: int = 0  # (L4) 0-based inclusive (code: --modulation_starts 0 over 1-based epochs)
     end_epoch: int = 19  # (L4) 0-based inclusive (code: --modulation_ends 20 = 1-based epoch 20)
@@ -124,17 +125,18 @@ class MSLR(Method):
     def __init__(self, params, spec):
         super().__init__(params, spec)
         if params.apply not in APPLY:
-            raise ValueError(f"methods.mslr.apply={params.apply!r} not in {APPLY} (params.yaml)")
+            raise ValueError(f"methods.{self.name}.apply={params.apply!r} not in {APPLY} (params.yaml)")
         if params.ratio not in RATIO:
-            raise ValueError(f"methods.mslr.ratio={params.ratio!r} not in {RATIO} (params.yaml)")
-        if params.ratio == "train" and spec.task != "classification":
-            raise ValueError(f"methods.mslr.ratio=train needs accuracies: dataset {spec.name} is {spec.task} "
-                             "(set methods.mslr.ratio=fixed)")
+            raise ValueError(f"methods.{self.name}.ratio={params.ratio!r} not in {RATIO} (params.yaml)")
+        if params.ratio in ("val", "train") and spec.task != "classification":
+            raise ValueError(f"methods.{self.name}.ratio={params.ratio} needs accuracies: dataset {spec.name} is "
+                             f"{spec.task} (set datasets.{spec.name}.methods.{self.name}.ratio=fixed)")
         if params.window < 1:
-            raise ValueError(f"methods.mslr.window={params.window} must be >= 1 (params.yaml)")
+            raise ValueError(f"methods.{self.name}.window={params.window} must be >= 1 (params.yaml)")
         bad = {m: c for m, c in dict(params.coeffs or {}).items() if not float(c) > 0}
         if bad:
-            raise ValueError(f"methods.mslr.coeffs {bad}: learning-rate coefficients must be > 0 (params.yaml)")
+            raise ValueError(f"methods.{self.name}.coeffs {bad}: learning-rate coefficients must be > 0 "
+                             "(params.yaml)")
         # names of other datasets' modalities are ignored: one methods.mslr block serves every dataset
         self.base = {m: float(dict(params.coeffs or {}).get(m, 1.0)) for m in self.modalities()}
         self.ratio = {m: 1.0 for m in self.modalities()}  # r_m of (L3), CREMAD_main.py l.627-628
@@ -168,6 +170,13 @@ class MSLR(Method):
 
     def on_epoch_start(self, model, ctx) -> None:
         self._roll(ctx.epoch)
+
+    def on_epoch_end(self, model, ctx, metrics) -> None:
+        """(L3) with `ratio="val"`: epoch t's validation head accuracies set r_m for epoch t+1."""
+        if self.params.ratio == "val":
+            for m in self.modalities():
+                self.ratio[m], self.memory[m] = update_ratio(self.memory[m], float(metrics[f"acc_{m}"]),
+                                                             self.ratio[m], self.params.window)
 
     def loss(self, batch, out, ctx):
         self._roll(ctx.epoch)

@@ -148,6 +148,25 @@ def test_train_ratio_uses_each_modalitys_training_accuracy():
     assert method.coefficients() == pytest.approx({"audio": 2.0 * 50 / 75, "visual": 1.0})
 
 
+def test_val_ratio_follows_each_heads_validation_accuracy():
+    """ratio=val (params.yaml's): on_epoch_end's acc_<m> drive (L3) by hand; k_m = c_m * r_m from the next epoch."""
+    spec = tiny_spec(2)
+    method = MSLR(MSLRParams(coeffs={"audio": 0.9, "visual": 1.1}, ratio="val", window=2), spec)
+    ctx = _ctx(spec, None)
+    accs = [(40.0, 20.0), (60.0, 30.0), (50.0, 45.0), (80.0, 30.0)]
+    for e, (a, v) in enumerate(accs):
+        ctx.epoch = e
+        method.on_epoch_end(None, ctx, {"acc_audio": a, "acc_visual": v, "loss_audio": 9.0, "acc": 99.0})
+    # hand: memories fill with epochs 0-1; epoch 2: r = 50/50, 45/25 -> mem [60,50], [30,45];
+    # epoch 3: r = 80/55, 30/37.5
+    assert method.ratio == pytest.approx({"audio": 80 / 55, "visual": 30 / 37.5})
+    assert method.memory == {"audio": [50.0, 80.0], "visual": [45.0, 30.0]}
+    assert method.coefficients() == pytest.approx({"audio": 0.9 * 80 / 55, "visual": 1.1 * 30 / 37.5})
+    fixed = MSLR(MSLRParams(ratio="fixed"), spec)
+    fixed.on_epoch_end(None, ctx, {"acc_audio": 1.0, "acc_visual": 2.0})
+    assert fixed.ratio == {"audio": 1.0, "visual": 1.0} and fixed.memory == {"audio": [], "visual": []}
+
+
 def _train(method, model, opt, spec, epochs, start=0):
     ctx = _ctx(spec, opt)
     method.setup(model, ctx)
@@ -195,11 +214,12 @@ def test_k3_and_regression_and_refusals():
     m = MSLR(MSLRParams(coeffs={"audio": 0.9, "visual": 1.4, "text": 0.7, "other_dataset_mod": 5.0}), spec3)
     assert m.coefficients() == {"audio": 0.9, "visual": 1.4, "text": 0.7}
     reg = tiny_spec(2, task="regression")
-    m = MSLR(MSLRParams(coeffs={"audio": 0.5}), reg)  # ratio=fixed: only learning rates, fine for regression
+    m = MSLR(MSLRParams(coeffs={"audio": 0.5}, ratio="fixed"), reg)  # only learning rates: fine for regression
     model = _model(reg)
     _train(m, model, _opt("sgd", model.parameters()), reg, 1)
-    with pytest.raises(ValueError, match="regression"):
-        MSLR(MSLRParams(ratio="train"), reg)
+    for ratio in ("train", "val"):
+        with pytest.raises(ValueError, match=r"ratio=.* needs accuracies: dataset .* is regression \(set datasets\."):
+            MSLR(MSLRParams(ratio=ratio), reg)
     with pytest.raises(ValueError, match="apply"):
         MSLR(MSLRParams(apply="scale"), spec3)
     with pytest.raises(ValueError, match="coeffs"):
