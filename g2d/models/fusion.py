@@ -71,17 +71,17 @@ class ConcatFusion(nn.Module):
 class FiLMFusion(nn.Module):
     """The first modality conditions the mean projection of the others: out(FiLM(x | c)).
 
-    FiLM as in Perez et al., "FiLM: Visual Reasoning with a General Conditioning Layer" (AAAI 2018): the
-    modulated features are normalised (their FiLM layers follow a BatchNorm without affine parameters; here a
-    LayerNorm without affine parameters, as the head sees one vector per sample), and the generator predicts
-    the deviation of the scale, gamma = 1 + delta_gamma, so an untrained generator leaves x unchanged
-    (their Appendix / section 7.2 "we predict delta gamma"). The generator reads the normalised condition:
-        FiLM(x | c) = (1 + dgamma(LN(c))) * LN(x) + beta(LN(c)),   [dgamma; beta] = W LN(c) + b.
-    Without the normalisation the head was gamma(c) * x + beta with gamma linear in c, i.e. quadratic in the
-    encoder features (the per-modality logits, self-conditioned, were quadratic in one modality's features):
-    CE lowers by scaling features up, the gradient grows with them, and g2d+film diverged (feature
-    distillation term ~1e13 to inf at trainer.lr=0.1, non-finite on some set-ups at the default lr). With LN,
-    the logits are bounded by the head's weights, whatever the feature scale.
+    The official G2D code (g2d-spec.md §2.5, the OGM-GE fusion module) computes [gamma; beta] = fc(c) and
+    out(gamma * x + beta) with gamma unbounded and linear in c; its per-modality read-out conditions a
+    modality on itself, out(gamma(x) * x + beta(x)), which is quadratic in the encoder features: cross-entropy
+    falls by scaling features up, the gradient grows with them, and g2d+film diverged (feature-distillation term
+    ~1e13 to inf at trainer.lr=0.1, non-finite on some set-ups at the default lr, issue 16).
+    Deviation: the generator predicts the deviation of the scale, as in Perez et al., "FiLM: Visual Reasoning
+    with a General Conditioning Layer" (AAAI 2018, section 7.2: "we predict delta gamma"), squashed:
+        FiLM(x | c) = (1 + tanh(dgamma(c))) * x + beta(c),   [dgamma; beta] = W c + b,
+    so gamma lies in (0, 2), an untrained generator (dgamma ~ 0) leaves x nearly unchanged, and every logit is
+    at most linear in the features, like the other heads' (tests/unit/test_models.py checks the growth). The
+    features are not normalised (an earlier version of this docstring said LayerNorm; the code never had it).
     """
 
     def __init__(self, dims, n_out, d=128):

@@ -89,3 +89,21 @@ def test_fusion_plugin_changes_the_trained_head(tmp_path):
     finally:
         Trainer._finish = orig
     assert isinstance(seen["m"].fusion, ConcatFusion)
+
+
+@pytest.mark.parametrize("fusion", ["film", "late", "concat", "sum", "gated"])
+def test_logits_grow_at_most_linearly_with_the_feature_scale(fusion):
+    """Issue 16 (g2d+film diverged): scaling every encoder feature by s scales no fused or per-modality logit by
+    more than O(s). The official FiLM, gamma(c) * x + beta with gamma linear in c, grows as s^2 (its
+    self-conditioned read-out gamma(x) * x), which is what let features and gradients run away."""
+    from g2d.models.fusion import build_fusion
+
+    torch.manual_seed(0)
+    dims = {"audio": 16, "visual": 16}
+    head = build_fusion(fusion, dims, 6, 32)
+    feats = {m: torch.randn(8, d) for m, d in dims.items()}
+    s = 1e4
+    fused1, per1 = head(feats)
+    fused2, per2 = head({m: s * f for m, f in feats.items()})
+    for a, b in [(fused1, fused2), *((per1[m], per2[m]) for m in dims)]:
+        assert b.abs().max() <= 4 * s * max(a.abs().max().item(), 1.0)
