@@ -1,7 +1,7 @@
 """The Method protocol: what a method may change, and the default training step.
 
 A method contributes loss terms (`loss`), gradient modulation between backward and step
-(`after_backward`), optionally its own step (`train_step`) or inference rule (`predict`), its own
+(`after_backward`), optionally its own step (`train_step`), forward (`forward`) or inference rule (`predict`), its own
 trainable modules (`aux_module`), a reaction to each epoch's validation metrics (`on_epoch_end`), and state
 that must survive a checkpoint. The trainer owns data, optimisation, eval and checkpoints.
 """
@@ -141,6 +141,12 @@ class Method:
         epoch and survives a resume. Not called after the final epoch: the model evaluated and reported last
         is the one saved."""
 
+    def forward(self, model: nn.Module, batch: dict):
+        """The model's Output for a batch, in the default training step, in evaluation and in the train-batch
+        confidence: `model(batch)`. A method whose architecture couples the encoders between their stages
+        computes it here (with modules from `aux_module`); the linear probes still read each encoder alone."""
+        return model(batch)
+
     def loss(self, batch: dict, out, ctx: Context) -> dict[str, torch.Tensor]:
         return {"task": task_loss(self.spec, out.fused, batch["label"])}
 
@@ -151,7 +157,7 @@ class Method:
                    ctx: Context) -> dict[str, torch.Tensor]:
         optimizer.zero_grad(set_to_none=True)
         with ctx.autocast():
-            out = model(batch)
+            out = self.forward(model, batch)
             terms = self.loss(batch, out, ctx)
         return self.optimize(model, optimizer, ctx, terms)
 

@@ -91,15 +91,17 @@ def probe_model(model, train_loader, test_loader, inputs, task: str, n_classes: 
 
 
 @torch.no_grad()
-def train_confidence(model, loader, inputs, gen: torch.Generator) -> dict[str, float]:
-    """{"conf_train": rho on evaluation inputs, "conf_train_aug": rho on augmented inputs}."""
+def train_confidence(model, loader, inputs, gen: torch.Generator, forward=None) -> dict[str, float]:
+    """{"conf_train": rho on evaluation inputs, "conf_train_aug": rho on augmented inputs}; `forward(batch)`
+    gives the Output (the method's `forward`; default `model(batch)`)."""
+    forward = forward or model
     model.eval()
     out = {}
     for key, prep in (("conf_train", lambda b: inputs.eval(b)), ("conf_train_aug", lambda b: inputs.train(b, gen))):
         total, n = 0.0, 0
         for batch in loader:
             batch = prep(batch)
-            p = torch.softmax(model(batch).fused.float(), dim=1)
+            p = torch.softmax(forward(batch).fused.float(), dim=1)
             total += float(p.gather(1, batch["label"].long()[:, None]).sum())
             n += len(batch["label"])
         out[key] = total / max(n, 1)

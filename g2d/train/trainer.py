@@ -171,7 +171,7 @@ class Trainer:
         for batch in loader:
             batch = self.inputs.eval(batch)
             with self._ctx.autocast():
-                out = model(batch)
+                out = self.method.forward(model, batch)
             preds.append(self.method.predict(out).float())
             for m in model.modalities:
                 per[m].append(out.logits[m].float())
@@ -421,7 +421,8 @@ class Trainer:
         out = {"rule": kept.get("rule"), "epoch": kept["epoch"], "test": vals}
         if self.spec.task == "classification":
             gen = torch.Generator().manual_seed(augment_seed(self.run.seed) ^ 1)  # not the training stream
-            out["train"] = probes.train_confidence(model, loaders[0], self.inputs, gen)
+            out["train"] = probes.train_confidence(model, loaders[0], self.inputs, gen,
+                                                   lambda b: self.method.forward(model, b))
         return out
 
     def _save_selected(self, model, epoch: int) -> None:
