@@ -194,7 +194,7 @@ def cmd_train(args) -> None:
 def _train_with_progress(cfg: C.Schema, train, n_runs: int) -> None:
     """Run `train(progress)` under the parent's progress display (stage k/n and a suite ETA under
     `dvc repro`, see g2d/progress.py). SIGINT/SIGTERM: one line, exit code 130 / 143, finished runs kept."""
-    from g2d.progress import Progress, stage_plan
+    from g2d.progress import Progress, clear_line_on_stderr, stage_plan
     from g2d.runs import Interrupted, n_workers, scratch_root
 
     stage = os.environ.get("DVC_STAGE")
@@ -202,7 +202,8 @@ def _train_with_progress(cfg: C.Schema, train, n_runs: int) -> None:
         plan = stage_plan(stage, scratch_root(cfg).parent, Path(cfg.paths.runs), n_workers(cfg, n_runs))
     except Exception:  # noqa: BLE001 - the plan only decorates the display
         plan = None
-    progress = Progress(n_runs, stage=stage, plan=plan)
+    progress = Progress(n_runs, stage=stage, plan=plan)  # holds the raw stderr for its status line
+    clear_line_on_stderr()  # what the trainer prints in this process replaces the status line, not extends it
     try:
         train(progress)
     except Interrupted as e:

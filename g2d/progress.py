@@ -6,22 +6,21 @@ Not a TTY (CI, logs): one line per finished run and one summary line per stage, 
 
 Stage k of n: a stage run by `dvc repro` knows its name (DVC sets DVC_STAGE). The first training stage of a
 repro writes a small plan file (`<paths.runs>/../cache/repro-plan.json`, keyed by the pid and start time of
-the `dvc repro` process): the training stages `dvc repro --dry` (same targets) says will run, and an estimate
+the `dvc repro` process): the training stages `dvc status` (same targets) reports changed, and an estimate
 of each from the per-run times its last local run recorded (`<paths.runs>/<group>/<item>/**/metrics.json`;
 wall times are kept out of the committed summaries, which must not change when nothing else did). Later stages of the same repro
-read it. Without a plan (no DVC, `dvc exp run`, a failing dry run) only the stage's own progress is shown.
+read it. Without a plan (no DVC, `dvc exp run`, a failing status) only the stage's own progress is shown.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-NOT_TRAINING = ("codehash", "fetch", "prepare", "aggregate", "report")
+NOT_TRAINING = ("codehash", "fetch", "prepare", "summarise", "aggregate", "report", "calibrate")
 
 
 def _fmt(seconds: float) -> str:
@@ -79,18 +78,32 @@ def _stage_estimate(stage: str, runs: Path, workers: int) -> float | None:
     return total / max(1, min(workers, n)) if n else None
 
 
-def _dry_run(argv: list[str]) -> list[str] | None:
-    """The stages `dvc repro --dry` (the repro's own targets and options) says will run, in order."""
+# `dvc status` from inside a running stage stops at DVC's path locks (the stage write-locks its outputs, which later
+# stages read), so the query runs DVC's own status with the path locks off: it only reads, for a display
+_STATUS = """
+import contextlib, json, sys
+import dvc.rwlock
+dvc.rwlock.rwlock = lambda *a, **k: contextlib.nullcontext()
+from dvc.repo import Repo
+with Repo() as repo:
+    print(json.dumps(list(repo.status(targets=sys.argv[1:] or None, with_deps=len(sys.argv) > 1))))
+"""
+
+
+def _planned_stages(argv: list[str]) -> list[str] | None:
+    """The stages DVC's status reports changed for the repro's own targets (with their dependencies), in pipeline
+    order: the ones this repro will run. Not `dvc repro --dry` or `dvc status`: run from inside a stage both fail
+    on the locks the running stage holds (data/code, its outputs)."""
     i = argv.index("repro")
-    cmd = [sys.executable, "-m", "dvc", "repro", *[a for a in argv[i + 1:] if a not in ("--dry",)], "--dry"]
+    targets = [a for a in argv[i + 1:] if not a.startswith("-")]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+        res = subprocess.run([sys.executable, "-c", _STATUS, *targets], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "DVC_NO_ANALYTICS": "1"})
-    except (OSError, subprocess.SubprocessError):
+        changed = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 and res.stdout.strip() \
+            else None
+    except (OSError, subprocess.SubprocessError, ValueError):
         return None
-    if res.returncode != 0:
-        return None
-    return re.findall(r"Running stage '([^']+)'", res.stdout + res.stderr)
+    return [str(s) for s in changed] if isinstance(changed, list) else None
 
 
 def stage_plan(stage: str | None, cache_dir: Path, runs: Path, workers: int) -> dict | None:
@@ -108,7 +121,7 @@ def stage_plan(stage: str | None, cache_dir: Path, runs: Path, workers: int) -> 
             return plan
     except (OSError, ValueError, AttributeError):
         pass
-    stages = _dry_run(argv)
+    stages = _planned_stages(argv)
     if not stages or stage not in stages:
         return None
     stages = [s for s in stages if is_training_stage(s)]
@@ -125,6 +138,32 @@ def stage_plan(stage: str | None, cache_dir: Path, runs: Path, workers: int) -> 
 
 
 # ---- the display ------------------------------------------------------------------------------------------
+class ClearingStream:
+    """A TTY stream whose every new line first erases the terminal line: a message a pool worker (or the trainer)
+    writes to stderr then replaces the parent's status line instead of being glued to its end; the parent redraws
+    the status after the next finished run."""
+
+    def __init__(self, stream):
+        self._stream, self._bol = stream, True
+
+    def write(self, text: str) -> int:
+        out = []
+        for part in text.splitlines(keepends=True):
+            out.append(("\r\033[K" if self._bol else "") + part)
+            self._bol = part.endswith("\n")
+        self._stream.write("".join(out))
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def clear_line_on_stderr() -> None:
+    """Route this process's stderr through ClearingStream when it is a TTY (a log file gets no escape codes)."""
+    if sys.stderr.isatty() and not isinstance(sys.stderr, ClearingStream):
+        sys.stderr = ClearingStream(sys.stderr)
+
+
 class Progress:
     """Runs done / total of one command (a DVC stage), drawn by the parent process only."""
 

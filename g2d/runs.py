@@ -378,8 +378,11 @@ def _stop_signals(raise_now: bool):
 def _child(cfg: C.Schema, job: Job, conn, threads: int, gpu: str | None = None) -> None:
     """A pool worker: one run, result (or error) sent to the parent; draws no progress bar. A GPU slot's worker
     sees only its GPU (CUDA_VISIBLE_DEVICES, set before CUDA starts), so `cuda:N` becomes its `cuda`."""
+    from g2d.progress import clear_line_on_stderr
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (and kills workers) on Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    clear_line_on_stderr()  # a message must not be glued to the parent's status line
     tc = dataclasses.replace(cfg.trainer, progress="off")
     if gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu

@@ -130,6 +130,8 @@ def test_returning_to_earlier_params_restores_from_the_run_cache(ci_project, tmp
     params.write_text(yaml.safe_dump(edited, sort_keys=False))
     changed = run([sys.executable, "-m", "dvc", "repro"], proj).stdout
     assert "Running stage 'main@g2d'" in changed and re.search(r"g2d-cremad seed \d+: test acc", changed)
+    # issue 16: the stage knows its place in the repro (DVC's status read from inside the running stage)
+    assert re.search(r"\[g2d\] main@g2d \(train stage 1/1\): \d+ runs done", changed), changed[-2000:]
     assert (proj / "reports/runs/main/g2d/g2d-cremad.json").read_bytes() != before
 
     params.write_text(original)
