@@ -38,7 +38,7 @@ SYNTAX_ONLY_PREFIX = {
         "creates a venv and installs from PyTorch's CPU wheel index (network, minutes)",
     "dvc exp ": "runs or compares experiments (retrains stages); exercised by tests/integration/test_dvc_ux.py",
     "dvc plots ": "exercised by tests/integration/test_dvc_ux.py (offline template, titles)",
-    "dvc metrics ": "exercised by tests/integration/test_dvc_ux.py (headline keys)",
+    "dvc metrics ": "exercised by tests/integration/test_dvc_ux.py (metrics files)",
     "git checkout ": "restores the workspace's params.yaml; a git operation on the repository itself",
     "g2d train method=g2d dataset=cremad trainer.device=cuda": "needs a CUDA GPU (tests/unit/test_gpu.py, -m gpu)",
     "CUDA_VISIBLE_DEVICES=": "needs CUDA GPUs; the pool is tested with a fake GPU list (tests/unit/test_fast_path.py)",

@@ -95,20 +95,33 @@ def aggregate(reports_dir: Path, selection: str = "best_val") -> list[Path]:
         frame.to_csv(tmp, index=False, float_format="%.6g")
         tmp.replace(p)
         paths.append(p)
-    paths.append(headline(summary, tables / "headline.json", selection))
+    paths += headline(summary, reports_dir / "metrics", selection)
     paths.append(smp_order.write(reports_dir / "runs", tables / "smp_order.csv"))
     return paths
 
 
-def headline(summary: pd.DataFrame, path: Path, selection: str = "best_val") -> Path:
-    """The `dvc metrics show` / `dvc exp show` metrics: flat `<dataset>/<method>/<metric>` keys (e.g.
-    `cremad/g2d/acc`, a teacher is `cremad/teacher-audio/acc`), each the mean over seeds of the run's test
-    primary metric (`acc`, or `rmse` for regression) under `selection` (trainer.select), as in summary.csv. No `_std`
-    keys: they would double a table DVC prints as one row per file; the stds are in summary.csv."""
+def headline(summary: pd.DataFrame, out_dir: Path, selection: str = "best_val") -> list[Path]:
+    """The `dvc metrics show` / `dvc metrics diff` / `dvc exp show` metrics: one file per method,
+    `<out_dir>/<method>.json` (a teacher is `teacher-<modality>.json`), keyed `<dataset>/<metric>`: the mean over
+    seeds of the run's test primary metric (`acc`, or `rmse` for regression) under `selection` (trainer.select), as
+    in summary.csv. DVC prints one row per file and one column per key, so the table is methods x datasets
+    (a single file of `<dataset>/<method>/<metric>` keys was one row of 170 columns); `dvc metrics diff` names a
+    number `reports/metrics/g2d.json cremad/acc`. No `_std` keys (they are in summary.csv). A file of a method
+    no longer in the runs is removed."""
     sel = summary[(summary.selection == selection) & (summary.split == "test") & summary.metric.isin(["acc", "rmse"])]
-    out: dict[str, float] = {}
+    per: dict[str, dict[str, float]] = {}
     for r in sel.itertuples():
-        method = r.run.replace(f"-{r.dataset}", "", 1)  # g2d-cremad -> g2d, teacher-cremad-audio -> teacher-audio
-        out[f"{r.dataset}/{method}/{r.metric}"] = round(float(r.mean), 4)
-    atomic_write_text(path, json.dumps(dict(sorted(out.items())), indent=2) + "\n")
-    return path
+        run = r.run.replace(f"-{r.dataset}", "", 1)  # g2d-cremad -> g2d, teacher-cremad-audio -> teacher-audio
+        per.setdefault(run, {})[f"{r.dataset}/{r.metric}"] = round(float(r.mean), 4)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for run, vals in sorted(per.items()):
+        p = out_dir / f"{run}.json"
+        text = json.dumps(dict(sorted(vals.items())), indent=2) + "\n"
+        if not p.is_file() or p.read_text() != text:
+            atomic_write_text(p, text)
+        paths.append(p)
+    for stale in set(out_dir.glob("*.json")) - set(paths):
+        stale.unlink()
+    return paths

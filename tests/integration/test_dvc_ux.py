@@ -4,7 +4,7 @@
   ruamel.yaml round trip) keeps byte for byte, so one `-S` value is a one-line diff;
 - `dvc plots show` writes a page that loads Vega from the inlined, vendored builds (no CDN), one chart per
   (group, dataset) with its own title;
-- reports/tables/headline.json (`dvc metrics show`, `dvc exp show`) has `<dataset>/<method>/<metric>` keys
+- reports/metrics/<method>.json (`dvc metrics show`, `dvc exp show`) have `<dataset>/<metric>` keys
   whose values are the summary.csv means.
 
 If the round-trip tests fail after an edit of params.yaml, let DVC's writer lay it out (twice: the first pass
@@ -203,25 +203,54 @@ def test_plots_show_renders_offline_with_a_titled_chart_per_group_dataset(ci_pro
 
 # ---- item 5: headline metrics ---------------------------------------------------------------------------
 
-def test_headline_keys_are_dataset_method_metric_and_equal_summary_means(ci_project):
+def test_metrics_are_one_file_per_method_keyed_by_dataset_and_equal_summary_means(ci_project):
+    """`dvc metrics show` is a methods x datasets table: one row per reports/metrics/<method>.json, one column per
+    `<dataset>/<metric>`, each value the summary's mean under trainer.select."""
     from g2d import registry
 
-    headline = json.loads((ci_project / "reports/tables/headline.json").read_text())
     params = yaml.safe_load((ci_project / "params.yaml").read_text())
-    want = {f"{ds}/{m}/acc" for g in params["suite"]["groups"].values() for ds in g["datasets"] for m in g["methods"]}
-    want |= {f"{ds}/teacher-{mod}/acc" for ds in params["suite"]["datasets"]
-             for mod in registry.get_dataset(ds).spec.modality_names}
-    assert set(headline) == want and len(want) >= 4
+    want: dict[str, set] = {}
+    for g in params["suite"]["groups"].values():
+        for m in g["methods"]:
+            want.setdefault(m, set()).update(f"{ds}/acc" for ds in g["datasets"])
+    for ds in params["suite"]["datasets"]:
+        for mod in registry.get_dataset(ds).spec.modality_names:
+            want.setdefault(f"teacher-{mod}", set()).add(f"{ds}/acc")
+    files = {p.stem: json.loads(p.read_text()) for p in (ci_project / "reports/metrics").glob("*.json")}
+    assert {k: set(v) for k, v in files.items()} == want and len(want) >= 3
     summary = pd.read_csv(ci_project / "reports/tables/summary.csv")
-    for key, value in headline.items():
-        ds, method, metric = key.split("/")
-        run_name = f"{method}-{ds}" if not method.startswith("teacher-") else f"teacher-{ds}-{method[8:]}"
-        row = summary[(summary.run == run_name) & (summary.selection == params["trainer"]["select"])
-                      & (summary.split == "test")
-                      & (summary.metric == metric)]
-        assert len(row) == 1, key
-        assert value == pytest.approx(float(row["mean"].iloc[0]), abs=1e-3), key
+    for method, vals in files.items():
+        for key, value in vals.items():
+            ds, metric = key.split("/")
+            run_name = f"{method}-{ds}" if not method.startswith("teacher-") else f"teacher-{ds}-{method[8:]}"
+            row = summary[(summary.run == run_name) & (summary.selection == params["trainer"]["select"])
+                          & (summary.split == "test") & (summary.metric == metric)]
+            assert len(row) == 1, (method, key)
+            assert value == pytest.approx(float(row["mean"].iloc[0]), abs=1e-3), (method, key)
 
     shown = run([sys.executable, "-m", "dvc", "metrics", "show"], ci_project).stdout.splitlines()
-    assert shown[0].split() == ["Path", *sorted(headline)]  # one column per key, `cremad/g2d/acc` style
-    assert shown[1].split()[0] == "reports/tables/headline.json" and len(shown) == 2
+    columns = sorted(set().union(*files.values()))
+    assert shown[0].split() == ["Path", *columns]  # one column per dataset, not per (dataset, method)
+    assert sorted(li.split()[0] for li in shown[1:]) == sorted(f"reports/metrics/{m}.json" for m in files)
+
+
+def test_readme_exp_show_regexes_drop_dependency_hashes_and_keep_metrics(ci_project):
+    """The README's `dvc exp show --drop` regexes, read from the README itself: the first leaves every metric
+    column and no dependency hash; the one-dataset variant leaves that dataset's metrics only."""
+    import csv
+    import io
+
+    readme = (ROOT / "README.md").read_text()
+    base = re.search(r"dvc exp show --only-changed --drop '([^']+)'", readme).group(1)
+    one = re.search(r"add `\|([^`]+)` to the `--drop` regex", readme).group(1)
+
+    def columns(regex):
+        out = run([sys.executable, "-m", "dvc", "exp", "show", "--csv", "--drop", regex], ci_project).stdout
+        return next(csv.reader(io.StringIO(out)))
+
+    shown = columns(base)
+    n_metrics = sum(len(json.loads(p.read_text())) for p in (ci_project / "reports/metrics").glob("*.json"))
+    assert not [c for c in shown if re.match(r"(data|g2d|reports)/[^:]*$", c)], shown  # no dependency hash
+    assert len([c for c in shown if c.endswith(("/acc", "/rmse"))]) == n_metrics, shown  # every metric
+    only = [c for c in columns(f"{base}|{one}") if c.endswith(("/acc", "/rmse"))]
+    assert only and all(c.split(":")[-1].startswith("cremad/") for c in only), only
